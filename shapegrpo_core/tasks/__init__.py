@@ -1,0 +1,28 @@
+"""Task registry: ``get_task("recsys", num_candidates=4)`` builds a task by name (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from shapegrpo_core.tasks.base import Task
+
+# name -> "module:Class"; imported on demand so that a task's optional heavy imports (e.g. rouge-score,
+# the HumanEval data file) cost nothing until the task is used.
+TASKS: dict[str, str] = {
+    "recsys": "shapegrpo_core.tasks.recsys:RecsysTask",
+    "code": "shapegrpo_core.tasks.code:CodeTask",
+    "summarize": "shapegrpo_core.tasks.summarize:SummarizeTask",
+}
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    """Build the task registered under ``name`` with its constructor keyword arguments."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    module_name, cls_name = TASKS[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(**kwargs)
+
+
+__all__ = ["TASKS", "Task", "get_task"]
