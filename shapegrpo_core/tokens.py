@@ -1,0 +1,355 @@
+"""Map candidate advantages onto generated tokens (DESIGN.md §2 "Tokens").
+
+TRL's GRPOTrainer (1.16, ``_generate``) turns the generated ids into the completion text with
+``processing_class.batch_decode(completion_ids, skip_special_tokens=True)``, and the task parses *that* text
+into candidates. So the span of each generated token must be measured in exactly that string, which this
+module calls the *decoded completion* (:func:`decode_completion`), and must come from the ids the policy
+generated, not from re-tokenising the text (a sampled sequence is often not the canonical tokenisation of
+its own text).
+
+:func:`token_char_spans` gives each token a character span ``[start, end)`` in the decoded completion:
+
+- Fast path, byte-level BPE (GPT-2 style, a ``ByteLevel`` decoder): ids -> token strings -> bytes through
+  the byte-to-unicode table, byte offsets accumulated, then mapped to character offsets of the UTF-8
+  decoding. A token covering any byte of a character covers that character, so when a multi-byte character
+  (é, 日, an emoji) is split across tokens, each of those tokens spans it (consecutive spans then overlap by
+  that one character). Invalid UTF-8 (e.g. a completion cut inside a character) decodes to U+FFFD as the
+  tokenizer does.
+- Fast path, no decoder (e.g. a WordLevel tokenizer, whose decode joins tokens with spaces): the joining
+  space belongs to the token after it; if ``clean_up_tokenization_spaces`` then deletes spaces (" ," ->
+  ","), the surviving characters are aligned to the joined text.
+- General fallback, any tokenizer: decode every prefix of the ids (O(T) decodes) and give token i the
+  characters that the prefix ending at i adds to the longest common prefix with the decoded completion. Here
+  a character split across tokens belongs to the token that completes it.
+
+Each fast path is checked: its reconstruction must equal ``tokenizer.decode(ids, skip_special_tokens=True)``
+and its spans must tile that text (see :func:`_tiles`), else the fallback is used. Tokens removed by
+decoding (special tokens such as EOS and pad, with ``skip_special_tokens=True``) get an empty span.
+
+:func:`token_advantages` then gives a token the advantage of the one candidate its span overlaps, and the
+set advantage when it overlaps none (preamble, separators, EOS) or several (a BPE token straddling a
+boundary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import decoders
+
+from shapegrpo_core.candidates import Candidate
+
+Span = tuple[int, int]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used by ByteLevel pre-tokenizers and decoders."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:  # bytes that are whitespace/control get code points above 255, in order
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE: dict[str, int] = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _to_id_list(token_ids: Sequence[int] | np.ndarray | torch.Tensor) -> list[int]:
+    if isinstance(token_ids, torch.Tensor | np.ndarray):
+        if token_ids.ndim != 1:
+            raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
+        token_ids = token_ids.tolist()
+    ids = [int(t) for t in token_ids]
+    if ids and min(ids) < 0:  # e.g. -100 label padding: not a token, and the Rust decoder would overflow
+        raise ValueError(f"token ids must be non-negative, got {min(ids)}")
+    return ids
+
+
+def decode_completion(token_ids: Sequence[int], tokenizer: Any) -> str:
+    """The completion text TRL's GRPOTrainer builds from generated ids; spans are offsets into this string."""
+    return tokenizer.decode(_to_id_list(token_ids), skip_special_tokens=True)
+
+
+def _backend(tokenizer: Any) -> Any:
+    return getattr(tokenizer, "backend_tokenizer", None)
+
+
+def _skipped_ids(backend: Any) -> set[int]:
+    """Ids the Rust decoder drops with skip_special_tokens=True: added tokens flagged special."""
+    return {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
+
+
+def _char_start_flags(data: bytes) -> np.ndarray:
+    """(n_bytes,) bool: byte starts a character of ``data.decode("utf-8", "replace")``.
+
+    In valid UTF-8 every non-continuation byte starts a character. Each invalid run (a maximal subpart, as
+    Python and Rust's from_utf8_lossy both cut them) becomes one U+FFFD that starts at the run's first byte.
+    """
+    arr = np.frombuffer(data, dtype=np.uint8)
+    flags = (arr & 0xC0) != 0x80  # (n_bytes,)
+    pos = 0
+    while pos < len(data):
+        try:
+            data[pos:].decode("utf-8")
+            break
+        except UnicodeDecodeError as err:
+            bad_start, bad_end = pos + err.start, pos + err.end
+            flags[bad_start] = True
+            flags[bad_start + 1 : bad_end] = False
+            pos = bad_end
+    return flags
+
+
+def _byte_level_spans(ids: list[int], backend: Any) -> tuple[list[Span], str]:
+    """Spans and reconstructed text for a ByteLevel decoder (see module docstring)."""
+    skipped = _skipped_ids(backend)
+    pieces: list[bytes] = []
+    for i in ids:
+        tok = None if i in skipped else backend.id_to_token(i)
+        if tok is None:  # removed by decoding (special) or unknown to the vocabulary: no bytes
+            pieces.append(b"")
+            continue
+        try:
+            pieces.append(bytes(_UNICODE_TO_BYTE[c] for c in tok))
+        except KeyError:  # like the Rust decoder: a token with a char outside the table is its raw UTF-8
+            pieces.append(tok.encode("utf-8"))
+    data = b"".join(pieces)
+    text = data.decode("utf-8", errors="replace")
+    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))  # (T,)
+    byte_end = np.cumsum(lengths)  # (T,)
+    byte_start = byte_end - lengths  # (T,)
+    # chars_before[k] = number of characters that start in data[:k], k = 0..n_bytes.
+    chars_before = np.concatenate([[0], np.cumsum(_char_start_flags(data))])  # (n_bytes + 1,)
+    nonempty = lengths > 0
+    # A token covers the character of its first byte through the character of its last byte.
+    start = np.where(
+        nonempty, chars_before[np.minimum(byte_start + 1, len(data))] - 1, chars_before[byte_start]
+    )
+    end = np.where(nonempty, chars_before[byte_end], start)
+    return list(zip(start.tolist(), end.tolist(), strict=True)), text
+
+
+def _joined_spans(ids: list[int], backend: Any, reference: str) -> tuple[list[Span], str]:
+    """Spans for a tokenizer without decoder: decode == " ".join(tokens), maybe with spaces cleaned up."""
+    skipped = _skipped_ids(backend)
+    owner: list[int] = []  # owner[c] = index of the token that character c of the joined text belongs to
+    parts: list[str] = []
+    for t, i in enumerate(ids):
+        tok = None if i in skipped else backend.id_to_token(i)
+        if tok is None:
+            continue
+        piece = tok if not parts else " " + tok  # the joining space belongs to the token after it
+        parts.append(piece)
+        owner.extend([t] * len(piece))
+    joined = "".join(parts)
+    if joined != reference:
+        kept = _deletion_alignment(joined, reference)
+        if kept is None:
+            return [], joined  # not a pure deletion of characters: let the caller fall back
+        owner = [owner[k] for k in kept]
+        joined = reference
+    owner_arr = np.asarray(owner, dtype=np.int64)  # (n_chars,) non-decreasing
+    idx = np.arange(len(ids))
+    start = np.searchsorted(owner_arr, idx, side="left")
+    end = np.searchsorted(owner_arr, idx, side="right")
+    return list(zip(start.tolist(), end.tolist(), strict=True)), joined
+
+
+def _deletion_alignment(source: str, target: str) -> list[int] | None:
+    """Indices of ``source`` characters that spell ``target`` when ``target`` is ``source`` with characters
+    deleted (what clean_up_tokenization does: " ." -> "."), greedily leftmost; None if it is not."""
+    kept: list[int] = []
+    j = 0
+    for k, ch in enumerate(source):
+        if j < len(target) and ch == target[j]:
+            kept.append(k)
+            j += 1
+        elif not ch.isspace():  # cleanup only deletes spaces; anything else means another transformation
+            return None
+    return kept if j == len(target) else None
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    """Length of the longest common prefix, by binary search over C-level slice comparisons."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _prefix_decode_spans(ids: list[int], tokenizer: Any, reference: str) -> list[Span]:
+    """General fallback: token i gets what decode(ids[: i + 1]) adds to its common prefix with reference."""
+    spans: list[Span] = []
+    prev_end = 0
+    prev_text: str | None = None
+    for t in range(len(ids)):
+        prefix_text = tokenizer.decode(ids[: t + 1], skip_special_tokens=True)
+        if prefix_text == prev_text:  # e.g. a skipped special token: nothing new
+            spans.append((prev_end, prev_end))
+            continue
+        prev_text = prefix_text
+        end = max(prev_end, _common_prefix_len(prefix_text, reference))
+        spans.append((prev_end, end))
+        prev_end = end
+    return spans
+
+
+def _tiles(spans: Sequence[Span], n_chars: int) -> bool:
+    """Spans tile a text of ``n_chars`` characters.
+
+    Every span lies in [0, n_chars] with start <= end. The non-empty spans leave no gap and go forward: the
+    first starts at 0, each starts at the previous one's end or one character before it (a character split
+    across tokens), and the last ends at n_chars (so their starts and ends are non-decreasing). Empty spans
+    (tokens that decode to nothing) may sit anywhere in bounds: one between the bytes of a split character
+    cannot be ordered against both neighbours. An empty text has only empty spans.
+    """
+    if not spans:
+        return n_chars == 0
+    arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)  # (T, 2)
+    start, end = arr[:, 0], arr[:, 1]
+    if (start < 0).any() or (end > n_chars).any() or (start > end).any():
+        return False
+    nonempty = end > start
+    if not nonempty.any():
+        return n_chars == 0
+    s, e = start[nonempty], end[nonempty]
+    if s[0] != 0 or e[-1] != n_chars:
+        return False
+    step = s[1:] - e[:-1]  # 0 (adjacent) or -1 (one shared, split character)
+    return bool(((step == 0) | (step == -1)).all())
+
+
+def token_spans_and_text(token_ids: Sequence[int], tokenizer: Any) -> tuple[list[Span], str]:
+    """:func:`token_char_spans` together with the decoded completion the spans point into."""
+    ids = _to_id_list(token_ids)
+    reference = tokenizer.decode(ids, skip_special_tokens=True)
+    backend = _backend(tokenizer)
+    decoder = backend.decoder if backend is not None else None
+    spans: list[Span] = []
+    if backend is not None and isinstance(decoder, decoders.ByteLevel):
+        spans, text = _byte_level_spans(ids, backend)
+        if text != reference:  # e.g. a post-decode cleanup changed the string: use the general method
+            spans = []
+    elif backend is not None and decoder is None:
+        spans, text = _joined_spans(ids, backend, reference)
+        if text != reference:
+            spans = []
+    if (spans or not ids) and _tiles(spans, len(reference)):
+        return spans, reference
+    spans = _prefix_decode_spans(ids, tokenizer, reference)
+    if not _tiles(spans, len(reference)):
+        raise AssertionError(
+            f"token spans do not tile the decoded completion ({len(reference)} chars): {spans}"
+        )
+    return spans, reference
+
+
+def token_char_spans(token_ids: Sequence[int], tokenizer: Any) -> list[Span]:
+    """Character span [start, end) of each generated token in ``decode_completion(token_ids, tokenizer)``.
+
+    ``token_ids`` are the generated ids (EOS and padding may be included: removed by decoding, they get empty
+    spans). Works for any tokenizer with ``decode``; fast for byte-level BPE and decoder-less (WordLevel) fast
+    tokenizers (module docstring).
+    """
+    return token_spans_and_text(token_ids, tokenizer)[0]
+
+
+def _as_float_array(x: Any, name: str, ndim: int) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    return arr
+
+
+def _row_advantages(
+    spans: np.ndarray, cands: Sequence[Candidate], cand_adv: np.ndarray, set_adv: float
+) -> np.ndarray:
+    """(T,) advantages of one completion's tokens. spans (T, 2); cand_adv (K,) may hold NaN (=> set adv)."""
+    num_tokens = spans.shape[0]
+    out = np.full(num_tokens, set_adv, dtype=np.float64)  # (T,)
+    # Candidates that can be overlapped, sorted by start; their advantage (the set's when beyond K or NaN).
+    real = [(c.start, c.end, k) for k, c in enumerate(cands) if c.end > c.start]
+    if not real or num_tokens == 0:
+        return out
+    real.sort()
+    c_start = np.array([r[0] for r in real], dtype=np.int64)  # (C,)
+    c_end = np.array([r[1] for r in real], dtype=np.int64)  # (C,)
+    if (c_start[1:] < c_end[:-1]).any():
+        raise ValueError("candidate spans overlap; parse_candidates never returns overlapping candidates")
+    c_adv = np.array([cand_adv[k] if k < len(cand_adv) else np.nan for _, _, k in real])  # (C,)
+    c_adv = np.where(np.isnan(c_adv), set_adv, c_adv)
+    t_start, t_end = spans[:, 0], spans[:, 1]  # (T,)
+    # Candidates overlapping [s, e) with e > s: those with c_end > s (from lo) and c_start < e (before hi);
+    # c_end is sorted too because the spans are disjoint.
+    lo = np.searchsorted(c_end, t_start, side="right")  # (T,)
+    hi = np.searchsorted(c_start, t_end, side="left")  # (T,)
+    one = ((hi - lo) == 1) & (t_end > t_start)  # (T,)
+    out[one] = c_adv[lo[one]]
+    return out
+
+
+def token_advantages(
+    completion_ids: Sequence[Sequence[int]],
+    tokenizer: Any,
+    candidates: Sequence[Sequence[Candidate]],
+    candidate_adv: np.ndarray | torch.Tensor,
+    set_adv: np.ndarray | torch.Tensor,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """(N, T) float32 per-token advantages for N completions (T = ``max_len`` or the longest completion).
+
+    A token whose span overlaps exactly one candidate's span gets that candidate's advantage; tokens that
+    overlap none or several candidates (preamble, separators, EOS/pad, a token straddling a boundary) get the
+    row's set advantage, and so do tokens of candidates beyond the K columns of ``candidate_adv`` or with a
+    NaN advantage (masked). Positions past a completion's length are 0.
+
+    candidates[n] must be parsed from ``decode_completion(completion_ids[n], tokenizer)`` (the text TRL gives
+    reward functions); a candidate that does not match that text raises ValueError.
+    candidate_adv: (N, K), NaN allowed. set_adv: (N,), finite.
+    """
+    n_rows = len(completion_ids)
+    cand_adv = _as_float_array(candidate_adv, "candidate_adv", 2)  # (N, K)
+    row_adv = _as_float_array(set_adv, "set_adv", 1)  # (N,)
+    if len(candidates) != n_rows or cand_adv.shape[0] != n_rows or row_adv.shape[0] != n_rows:
+        raise ValueError(
+            f"batch sizes differ: {n_rows} completions, {len(candidates)} candidate lists, "
+            f"candidate_adv {cand_adv.shape}, set_adv {row_adv.shape}"
+        )
+    if not np.isfinite(row_adv).all():
+        raise ValueError("set_adv must be finite (a NaN set reward should already have advantage 0)")
+    if np.isinf(cand_adv).any():
+        raise ValueError("candidate_adv must not contain inf (NaN marks a masked candidate)")
+    id_lists = [_to_id_list(ids) for ids in completion_ids]
+    longest = max((len(ids) for ids in id_lists), default=0)
+    width = longest if max_len is None else max_len
+    if width < longest:
+        raise ValueError(f"max_len={max_len} is shorter than the longest completion ({longest} tokens)")
+    out = np.zeros((n_rows, width), dtype=np.float32)  # (N, T), padding stays 0
+    for n, ids in enumerate(id_lists):
+        spans, text = token_spans_and_text(ids, tokenizer)
+        for c in candidates[n]:
+            if text[c.start : c.end] != c.text:
+                raise ValueError(
+                    f"row {n}: candidate {c.text!r} at [{c.start}, {c.end}) is not in the decoded "
+                    "completion; parse the text from decode_completion(ids, tokenizer)"
+                )
+        span_arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)  # (T_n, 2)
+        out[n, : len(ids)] = _row_advantages(span_arr, candidates[n], cand_adv[n], float(row_adv[n]))
+    return torch.from_numpy(out)
