@@ -25,13 +25,10 @@ import argparse  # noqa: E402
 import itertools  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from shapegrpo_core.games import best_of_set  # noqa: E402
 from shapegrpo_core.shapley import shapley_closed_form, shapley_exact, shapley_monte_carlo  # noqa: E402
