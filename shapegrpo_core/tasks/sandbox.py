@@ -1,0 +1,530 @@
+"""Run untrusted candidate code against trusted checks, isolated (DESIGN.md §3 ``code``, §7 hostile code).
+
+Threat model. A candidate is code written by the policy being trained. It may be broken, slow or hostile:
+fork bombs, daemons that outlive it, loops that ignore signals, memory bombs, unbounded output, reads from
+stdin, sockets, writes outside its directory, ``sys.exit(0)`` / ``os._exit(0)``, printing "passed",
+redefining the checker, reaching ``Popen`` through ``object.__subclasses__()``. Under RL pressure such tricks
+get *found*, so the verdict must not be forgeable and nothing may leak out of a run.
+
+Three processes per candidate::
+
+    scorer   (this process; a worker thread of run_jobs)                trusted, owns the verdict
+     └─ referee   (python -I -S _sandbox_referee.py; own session, root)   trusted; namespaces + rlimits
+          └─ candidate  (fresh interpreter, unprivileged uid)               untrusted
+
+The referee executes the *trusted* checker (the task's helper code and its test, instrumented so that each
+assertion unit reports pass/fail, see :mod:`shapegrpo_core.tasks.code`) and hands it, as ``candidate``, a
+proxy: a call sends the arguments to the candidate process over a pipe and decodes the reply, which may only
+be plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset; exact types,
+see :func:`decode_value`). So candidate code never runs in a process that computes or records a verdict: it
+cannot monkeypatch the checker or its helpers, forge "passed", return an object whose ``__eq__`` always says
+True, or end the checker early; ``sys.exit`` / ``os._exit`` end only its own process, which fails the call.
+Its one power over the verdict is the values its function returns -- exactly what is being graded. The
+referee writes one JSON record (per-unit results) holding a random nonce that only the scorer and the referee
+know (it travels in the job spec on the referee's stdin, an unlinked file the candidate never gets); the
+scorer requires that nonce and a complete record, else the candidate scores zero.
+
+Isolation of the candidate process, in layers (each is tested on its own in tests/test_sandbox.py):
+
+1. An unprivileged uid, unique per running sandbox (leased from a range under a lock file; not the shared
+   ``nobody``, so that one sandbox's process limit and kill sweep never touch another's). It cannot write
+   files it does not own, cannot signal or ptrace the referee or the scorer (root), and ``kill(-1, SIGKILL)``
+   issued as that uid ends every process it left behind -- also those that called ``setsid()`` to leave the
+   process group -- in one syscall that a concurrent fork cannot race. Needs root (``capabilities().root``).
+2. Namespaces, entered by the referee (as root) before it starts the candidate: a network namespace (only a
+   loopback that is down: no connection anywhere, localhost included) and a mount namespace with fresh,
+   size-limited tmpfs on /tmp, /var/tmp, /dev/shm, /run/lock (the world-writable places; the working
+   directory is recreated inside the new /tmp) and empty read-only mounts over ``hidden_paths`` (e.g. the
+   HumanEval data file, so that a candidate cannot read the answers). Support is probed once and cached.
+3. rlimits on address space, CPU seconds, processes (per uid), file size, open files, core dumps (0).
+4. A Python audit hook in the candidate interpreter (defence in depth; Python-level, so bypassable in
+   principle): socket, ctypes and process-creation events raise PermissionError. Without a network namespace
+   the socket part is always on, so no run is ever without network isolation.
+5. Time: a per-call and a total deadline in the referee (a late call kills the candidate and fails the unit;
+   the next call gets a fresh candidate process, up to ``max_restarts``); a hard wall-clock deadline in the
+   scorer kills the referee's whole process group (``os.killpg`` SIGKILL), then sweeps the uid.
+6. I/O: the candidate's stdin, stdout and stderr are /dev/null (unbounded output goes nowhere); the
+   referee's output is read with a cap (never ``communicate()``); replies from the candidate are capped.
+
+Residual risks (not covered): kernel exploits (no seccomp, no user namespace); reading world-readable files
+that are not hidden (source code, other data); CPU and memory-bandwidth contention with other candidates
+within the limits; world-writable paths other than the four replaced by tmpfs (none on a standard layout)
+when the mount namespace is available, and all world-writable paths (bounded only by RLIMIT_FSIZE per file)
+when it is not. Without root there is no uid switch: files the scorer's user can write are writable by
+candidates and orphans that leave the process group survive -- run the scorer as root (e.g. in its own
+container) for hostile code. The trusted checker itself runs as root inside the namespaces and limits: a
+malicious *dataset* is out of scope.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from shapegrpo_core.tasks import _sandbox_referee as referee
+from shapegrpo_core.tasks._sandbox_referee import (
+    CANDIDATE_STUB,
+    CHECK_FUNCTION,
+    GUARDED_EVENTS,
+    SOCKET_EVENTS,
+    CandidateFailure,
+    candidate_env,
+    decode_value,
+    encode_value,
+)
+
+STATUSES = ("ok", "timeout", "error")
+# Sandbox uids are leased from [UID_BASE, UID_BASE + UID_COUNT); none of them is a real account. The count
+# bounds the lock files (empty, kept: unlinking a lock file races with a concurrent opener).
+UID_BASE = 1_700_000
+UID_COUNT = 4096
+_LOCK_DIR_NAME = "shapegrpo-sandbox-uids"  # under the temporary directory
+
+# ----------------------------------------------------------------------------------------------- public types
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits of one candidate run. Times in seconds, sizes in bytes."""
+
+    timeout_s: float = 10.0  # total budget of the referee for all calls of one candidate
+    call_timeout_s: float = 3.0  # one call of the candidate's function
+    load_timeout_s: float = 5.0  # starting the candidate's interpreter and running its module-level code
+    startup_grace_s: float = 5.0  # scorer's hard deadline = timeout_s + this (interpreter start-up, teardown)
+    memory_bytes: int = 1 << 30  # RLIMIT_AS
+    cpu_s: int | None = None  # RLIMIT_CPU; default ceil(timeout_s) + 1
+    max_processes: int = 16  # RLIMIT_NPROC of the sandbox uid (threads count too)
+    max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE
+    max_open_files: int = 64  # RLIMIT_NOFILE
+    tmpfs_bytes: int = 64 << 20  # size of each private tmpfs (/tmp, ...) in the mount namespace
+    max_reply_bytes: int = 8 << 20  # one reply frame from the candidate
+    max_output_bytes: int = 4 << 20  # what the scorer reads from the referee
+    max_restarts: int = 2  # fresh candidate processes after a crash or a late call
+    audit_hook: bool = True  # Python-level guard in the candidate (layer 4)
+    isolate_network: bool = True  # network namespace when supported (layer 2)
+    isolate_mounts: bool = True  # mount namespace when supported (layer 2)
+    hidden_paths: tuple[str, ...] = ()  # files/directories the candidate must not read (needs isolate_mounts)
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "call_timeout_s", "load_timeout_s", "startup_grace_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"SandboxLimits.{name} must be a positive finite number, got {v!r}")
+        for name in ("memory_bytes", "max_processes", "max_file_bytes", "max_open_files", "tmpfs_bytes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"SandboxLimits.{name} must be >= 1")
+        if self.max_open_files < 16:
+            raise ValueError("SandboxLimits.max_open_files must be >= 16 (the interpreter needs a few)")
+        if self.max_restarts < 0:
+            raise ValueError("SandboxLimits.max_restarts must be >= 0")
+        for p in self.hidden_paths:
+            if not os.path.isabs(p):
+                raise ValueError(f"hidden path must be absolute, got {p!r}")
+
+    @property
+    def cpu_seconds(self) -> int:
+        return self.cpu_s if self.cpu_s is not None else math.ceil(self.timeout_s) + 1
+
+
+@dataclass(frozen=True)
+class SandboxJob:
+    """One candidate against one checker.
+
+    ``program`` (untrusted) is executed in the candidate process and must define ``entry_point``. ``checker``
+    (trusted) is executed in the referee and must define ``CHECK_FUNCTION(candidate, record)`` that calls
+    ``record(i, None)`` (unit i passed) or ``record(i, exc)`` (failed) for each i in ``range(num_units)``.
+    ``label`` (letters, digits, ``_-``) is put on the candidate's command line, so that its processes can be
+    found (tests grep for it).
+    """
+
+    program: str
+    entry_point: str
+    checker: str
+    num_units: int
+    seed: int = 0
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.entry_point.isidentifier():
+            raise ValueError(f"entry_point must be a Python identifier, got {self.entry_point!r}")
+        if self.num_units < 0:
+            raise ValueError(f"num_units must be >= 0, got {self.num_units}")
+        if not all(ch.isalnum() or ch in "_-" for ch in self.label) or not self.label.isascii():
+            raise ValueError(f"label may hold only ASCII letters, digits, '_' and '-', got {self.label!r}")
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """Verdict of one job. ``passed[i]`` is True only if the referee's record says unit i passed.
+
+    status: "ok" (a complete, authentic record), "timeout" (the scorer's hard deadline killed the referee)
+    or "error" (no valid record: the referee crashed, its output was malformed or over the cap). Anything
+    but "ok" fails every unit: a recorded zero, with the reason in ``detail``.
+
+    ``reasons[i]``: "pass"; "assertion" (the check's assert failed); "candidate-raised" (the function raised
+    or returned a non-plain value); "candidate-timeout" (a call took longer than ``call_timeout_s``);
+    "candidate-crashed" (its process died); "bad-reply" (malformed or oversized reply); "deadline"
+    (``timeout_s`` spent); "unavailable" (no restarts left, or a restart failed to load); "load-error" (the
+    program did not load: see ``load_error``); "not-run" (the checker never reached the unit);
+    "error:<Type>" (the check itself raised, e.g. TypeError comparing a wrong type); or the status when it
+    is not "ok".
+    """
+
+    status: str
+    passed: tuple[bool, ...]
+    reasons: tuple[str, ...]
+    load_error: str | None = None
+    detail: str = ""
+    wall_s: float = 0.0
+    uid: int | None = None
+    isolation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_passed(self) -> int:
+        return sum(self.passed)
+
+
+@dataclass(frozen=True)
+class SandboxCapabilities:
+    """What this machine allows; probed once per process (:func:`capabilities`)."""
+
+    root: bool  # uid switch, per-uid process limit and kill sweep (layer 1)
+    netns: bool  # network namespace (layer 2)
+    mountns: bool  # mount namespace with private tmpfs and hidden paths (layer 2)
+    child_python: str  # interpreter the candidate runs (readable and executable by the sandbox uid)
+
+
+# ----------------------------------------------------------------------------------------- capabilities probe
+
+_CAPS: SandboxCapabilities | None = None
+_CAPS_LOCK = threading.Lock()
+
+
+def capabilities() -> SandboxCapabilities:
+    """Probe (once per process, cached) what isolation this machine allows."""
+    global _CAPS
+    with _CAPS_LOCK:
+        if _CAPS is None:
+            _CAPS = _probe_capabilities()
+        return _CAPS
+
+
+def _probe_capabilities() -> SandboxCapabilities:
+    root = os.geteuid() == 0
+    netns = mountns = False
+    if root:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-B", referee.__file__, "--probe"],
+            capture_output=True,
+            timeout=60,
+            env=_referee_env(),
+            cwd="/",
+            check=False,
+        )
+        if proc.returncode == 0:
+            found = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+            netns, mountns = bool(found["netns"]), bool(found["mountns"])
+    return SandboxCapabilities(root, netns, mountns, _find_child_python(root))
+
+
+def _python_candidates() -> list[str]:
+    import shutil
+
+    found = [
+        getattr(sys, "_base_executable", "") or "",
+        sys.executable,
+        shutil.which("python3") or "",
+        "/usr/bin/python3",
+        "/usr/local/bin/python3",
+    ]
+    out: list[str] = []
+    for p in found:
+        if p and os.path.exists(p) and os.path.realpath(p) not in out:
+            out.append(os.path.realpath(p))
+    return out
+
+
+def _find_child_python(root: bool) -> str:
+    """An interpreter the sandbox uid can execute with its standard library (a root-only pyenv under /root,
+    say, is not), checked by running it as a sandbox uid."""
+    if not root:
+        return os.path.realpath(sys.executable)
+    with _UidLease() as uid:
+        for py in _python_candidates():
+            if not os.access(py, os.X_OK):
+                continue
+            try:
+                r = subprocess.run(
+                    [py, "-s", "-S", "-B", "-c", "import json, os, struct, sys"],
+                    user=uid,
+                    group=uid,
+                    extra_groups=[],
+                    capture_output=True,
+                    timeout=60,
+                    env=candidate_env("/", 0),
+                    cwd="/",
+                    check=False,
+                )
+            except PermissionError:  # e.g. under a directory the uid cannot traverse
+                continue
+            if r.returncode == 0:
+                return py
+    raise RuntimeError(f"no Python interpreter usable by an unprivileged uid among {_python_candidates()}")
+
+
+# -------------------------------------------------------------------------------------------------- uid lease
+
+
+class _UidLease:
+    """An exclusive sandbox uid for the duration of a ``with`` block (None when not root).
+
+    Exclusive across threads and processes: a ``flock`` on a per-uid lock file, released by the kernel even if
+    this process dies. Uids are drawn at random from the range so that concurrent scorers rarely contend.
+    """
+
+    def __init__(self) -> None:
+        self.uid: int | None = None
+        self._fd: int | None = None
+
+    def __enter__(self) -> int | None:
+        if os.geteuid() != 0:
+            return None
+        import fcntl
+        import tempfile
+
+        lock_dir = os.path.join(tempfile.gettempdir(), _LOCK_DIR_NAME)
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        rng = random.SystemRandom()
+        for _ in range(1000):
+            uid = UID_BASE + rng.randrange(UID_COUNT)
+            fd = os.open(os.path.join(lock_dir, f"{uid}.lock"), os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.uid, self._fd = uid, fd
+            return uid
+        raise RuntimeError("could not lease a sandbox uid (1000 tries)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+
+# ------------------------------------------------------------------------------------------------- the scorer
+
+
+def _referee_env() -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+def run_job(job: SandboxJob, limits: SandboxLimits | None = None) -> SandboxResult:
+    """Run one candidate against its checker in the sandbox; never raises for anything the candidate does."""
+    limits = limits or SandboxLimits()
+    n = job.num_units
+    if n == 0:
+        return SandboxResult("ok", (), ())
+    caps = capabilities()
+    start = time.monotonic()
+    import secrets
+    import tempfile
+
+    nonce = secrets.token_hex(16)
+    with (
+        _UidLease() as uid,
+        tempfile.TemporaryDirectory(prefix="shapegrpo-sbx-", ignore_cleanup_errors=True) as wd,
+    ):
+        if uid is not None:
+            os.chown(wd, uid, uid)
+            os.chmod(wd, 0o700)
+        netns = limits.isolate_network and caps.netns
+        blocked = GUARDED_EVENTS if limits.audit_hook else (() if netns else SOCKET_EVENTS)
+        spec = {
+            "nonce": nonce,
+            "program": job.program,
+            "entry_point": job.entry_point,
+            "checker": job.checker,
+            "num_units": n,
+            "seed": job.seed,
+            "label": job.label,
+            "uid": uid,
+            "workdir": wd,
+            "child_python": caps.child_python,
+            "limits": asdict(limits) | {"cpu_s": limits.cpu_seconds},
+            "netns": netns,
+            "mountns": limits.isolate_mounts and caps.mountns,
+            "blocked_events": list(blocked),
+        }
+        status, detail, record = _run_referee(spec, limits, start)
+        if uid is not None and not (record or {}).get("swept"):
+            _sweep_uid_from_scorer(uid, caps.child_python)
+    wall = time.monotonic() - start
+    if status != "ok":
+        return SandboxResult(status, (False,) * n, (status,) * n, None, detail, wall, uid)
+    units = record["units"]
+    return SandboxResult(
+        "ok",
+        tuple(bool(u[0]) for u in units),
+        tuple(str(u[1]) for u in units),
+        record.get("load_error"),
+        detail,
+        wall,
+        uid,
+        dict(record.get("isolation", {})),
+    )
+
+
+def _run_referee(
+    spec: dict[str, Any], limits: SandboxLimits, start: float
+) -> tuple[str, str, dict[str, Any] | None]:
+    """Start the referee, read its record (capped, hard deadline), kill its group; (status, detail, rec)."""
+    import tempfile
+
+    deadline = start + limits.timeout_s + limits.startup_grace_s
+    with tempfile.TemporaryFile() as spec_file, tempfile.TemporaryFile() as err_file:
+        spec_file.write(json.dumps(spec).encode())
+        spec_file.seek(0)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-B", referee.__file__, "--referee"],
+            stdin=spec_file,
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            start_new_session=True,  # own process group: one killpg ends the referee and the candidate
+            close_fds=True,
+            env=_referee_env(),
+            cwd="/",
+        )
+        assert proc.stdout is not None
+        try:
+            out, why = _read_capped(proc.stdout.fileno(), deadline, limits.max_output_bytes)
+        finally:
+            # The group leader is not reaped yet, so its pgid cannot have been reused by anyone else.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            proc.stdout.close()
+        err_file.seek(0)
+        stderr_tail = err_file.read()[-4000:].decode(errors="replace")
+    if why == "timeout":
+        return "timeout", f"referee exceeded the hard deadline of {deadline - start:.1f}s", None
+    if why == "overflow":
+        return "error", f"referee output exceeded {limits.max_output_bytes} bytes", None
+    record = _parse_record(out, spec["nonce"], spec["num_units"])
+    if record is None:
+        return "error", f"no valid record from the referee (exit {proc.returncode}): {stderr_tail}", None
+    if "error" in record:
+        return "error", f"referee: {record['error']}", None
+    return "ok", stderr_tail, record
+
+
+def _read_capped(fd: int, deadline: float, cap: int) -> tuple[bytes, str]:
+    """Read fd to EOF; stop at the deadline or past cap bytes. (data, "eof" | "timeout" | "overflow")."""
+    chunks: list[bytes] = []
+    total = 0
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), "timeout"
+        if not poller.poll(left * 1000):
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks), "eof"
+        total += len(chunk)
+        if total > cap:
+            return b"", "overflow"
+        chunks.append(chunk)
+
+
+def _parse_record(out: bytes, nonce: str, num_units: int) -> dict | None:
+    """The referee's record if it is authentic (nonce) and complete (one [bool, str] per unit), else None."""
+    try:
+        record = json.loads(out.decode())
+    except ValueError:
+        return None
+    if type(record) is not dict or record.get("nonce") != nonce:
+        return None
+    if "error" in record:
+        return record
+    units = record.get("units")
+    if type(units) is not list or len(units) != num_units:
+        return None
+    for u in units:
+        if type(u) is not list or len(u) != 2 or type(u[0]) is not bool or type(u[1]) is not str:
+            return None
+    return record
+
+
+def _sweep_uid_from_scorer(uid: int, child_python: str) -> None:
+    """Kill every process of ``uid`` (when the referee could not, e.g. it was killed at the deadline)."""
+    subprocess.run(
+        [
+            child_python,
+            "-s",
+            "-S",
+            "-B",
+            "-c",
+            "import os\ntry:\n    os.kill(-1, 9)\nexcept OSError:\n    pass",
+        ],
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=candidate_env("/", 0),
+        cwd="/",
+        timeout=60,
+        check=False,
+    )
+
+
+def run_jobs(
+    jobs: Sequence[SandboxJob], limits: SandboxLimits | None = None, max_workers: int | None = None
+) -> list[SandboxResult]:
+    """Run jobs concurrently (threads, each driving its own subprocesses); results in job order."""
+    if not jobs:
+        return []
+    workers = max(1, min(len(jobs), max_workers or os.cpu_count() or 1))
+    if workers == 1:
+        return [run_job(j, limits) for j in jobs]
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
+        return list(pool.map(lambda j: run_job(j, limits), jobs))
+
+
+__all__ = [
+    "CANDIDATE_STUB",
+    "CHECK_FUNCTION",
+    "GUARDED_EVENTS",
+    "SOCKET_EVENTS",
+    "STATUSES",
+    "CandidateFailure",
+    "SandboxCapabilities",
+    "SandboxJob",
+    "SandboxLimits",
+    "SandboxResult",
+    "capabilities",
+    "decode_value",
+    "encode_value",
+    "run_job",
+    "run_jobs",
+]
