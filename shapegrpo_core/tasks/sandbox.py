@@ -168,7 +168,8 @@ class SandboxJob:
 class SandboxResult:
     """Verdict of one job. ``passed[i]`` is True only if the referee's record says unit i passed.
 
-    status: "ok" (a complete, authentic record), "timeout" (the scorer's hard deadline killed the referee)
+    status: "ok" (a complete, authentic record), "timeout" (the scorer's hard deadline or the CPU-time limit
+    killed the referee)
     or "error" (no valid record: the referee crashed, its output was malformed or over the cap). Anything
     but "ok" fails every unit: a recorded zero, with the reason in ``detail``.
 
@@ -425,6 +426,10 @@ def _run_referee(
     if why == "overflow":
         return "error", f"referee output exceeded {limits.max_output_bytes} bytes", None
     record = _parse_record(out, spec["nonce"], spec["num_units"])
+    if record is None and proc.returncode == -signal.SIGXCPU:
+        # RLIMIT_CPU fired before the wall-clock deadline (a busy loop on an idle machine, or a loaded one):
+        # the same outcome as the deadline, a CPU-time timeout.
+        return "timeout", f"referee exceeded its CPU-time limit of {limits.cpu_seconds}s", None
     if record is None:
         return "error", f"no valid record from the referee (exit {proc.returncode}): {stderr_tail}", None
     if "error" in record:
