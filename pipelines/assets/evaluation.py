@@ -1,0 +1,260 @@
+"""Evaluation domain: held-out evaluation per method (and of the base policy), and the method comparison built
+from MLflow, which also moves the registry's champion alias to the winner."""
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from pipelines.config import METHODS, ComparisonConfig, EvalConfig
+from pipelines.partitions import method_partitions
+from pipelines.reporting import figure_png, learning_curves, md_preview, png_md
+from pipelines.resources import ComputeResource, MLflowResource, StorageResource
+from pipelines.taskio import load_split, load_task
+from pipelines.tracking import log_file, log_metrics, log_table, root_run_id, stage_run
+from shapegrpo_core import evaluation, policy
+
+CHECK_FINITE = "check_eval_utility_finite"
+CHECK_NOT_WORSE = "check_not_worse_than_base"
+
+
+def _evaluate(
+    context: dg.AssetExecutionContext,
+    config: EvalConfig,
+    task_dataset: dict[str, Any],
+    path: str,
+    device: str,
+) -> evaluation.EvalReport:
+    task = load_task(task_dataset)
+    model, tokenizer = policy.load_policy(path)
+    model.to(device)
+    dataset = policy.format_dataset(load_split(task_dataset, "eval"), tokenizer)
+    report = evaluation.evaluate_policy(
+        model,
+        tokenizer,
+        task,
+        dataset=dataset,
+        num_prompts=config.num_prompts,
+        num_samples=config.num_samples,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        seed=config.seed,
+        num_bootstrap=config.num_bootstrap,
+    )
+    context.log.info(f"evaluated {path}: set_utility={report.metrics['set_utility'].value:.4f}")
+    return report
+
+
+def _log_report(
+    mlflow: MLflowResource,
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    config: EvalConfig,
+    report: evaluation.EvalReport,
+    method: str,
+) -> str:
+    with stage_run(mlflow, context, "eval", method=method, params=config.model_dump()) as rid:
+        log_metrics(mlflow, rid, report.to_dict())
+        log_table(
+            mlflow, rid, report.responses, "eval_responses", storage.run_dir(context, "eval_tables", method)
+        )
+    return rid
+
+
+@dg.asset(
+    group_name="evaluation",
+    kinds={"pytorch", "mlflow"},
+    partitions_def=method_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    check_specs=[
+        dg.AssetCheckSpec(
+            CHECK_FINITE,
+            asset="policy_evaluation",
+            blocking=True,
+            description="Eval utility is finite for every method (and the base policy).",
+        ),
+        dg.AssetCheckSpec(
+            CHECK_NOT_WORSE,
+            asset="policy_evaluation",
+            description="Fine-tuning did not lower eval set utility below the base policy's (warning).",
+        ),
+    ],
+    description="Held-out evaluation of each fine-tuned policy (and, with the same prompts, samples and "
+    "seed, of the base policy): set utility, candidate utility, duplicates and format validity with "
+    "bootstrap intervals.",
+)
+def policy_evaluation(
+    context: dg.AssetExecutionContext,
+    config: EvalConfig,
+    task_dataset: dict[str, Any],
+    base_policy: dict[str, Any],
+    fine_tuned_policy: dict[str, dict[str, Any]],
+    mlflow: MLflowResource,
+    storage: StorageResource,
+    compute: ComputeResource,
+):
+    device = compute.resolved_device()
+    # The base policy is evaluated once per run (and eval settings), whatever the number of method partitions.
+    key = hashlib.sha256(
+        json.dumps([base_policy["path"], config.model_dump()], sort_keys=True).encode()
+    ).hexdigest()
+    cache = storage.run_dir(context, "policy_evaluation", "base") / f"{key[:16]}.json"
+    if cache.is_file():
+        base = json.loads(cache.read_text())
+    else:
+        report = _evaluate(context, config, task_dataset, base_policy["path"], device)
+        base = {
+            "metrics": report.to_dict(),
+            "mlflow_run_id": _log_report(mlflow, context, storage, config, report, "base"),
+        }
+        cache.write_text(json.dumps(base))
+
+    results: dict[str, dict[str, Any]] = {}
+    for method in context.partition_keys:
+        report = _evaluate(context, config, task_dataset, fine_tuned_policy[method]["path"], device)
+        rid = _log_report(mlflow, context, storage, config, report, method)
+        results[method] = {
+            "metrics": report.to_dict(),
+            "mlflow_run_id": rid,
+            "base_metrics": base["metrics"],
+            "base_mlflow_run_id": base["mlflow_run_id"],
+            "model_version": fine_tuned_policy[method].get("model_version"),
+        }
+
+    table = pd.DataFrame(
+        [{"policy": "base", **base["metrics"]}] + [{"policy": m, **r["metrics"]} for m, r in results.items()]
+    )
+    metadata: dict[str, Any] = {"dagster/row_count": len(table), "summary": md_preview(table, max_rows=20)}
+    for m, r in results.items():
+        metadata[f"{m}/set_utility"] = r["metrics"]["set_utility"]
+        metadata[f"{m}/mlflow_run_id"] = r["mlflow_run_id"]
+    metadata["base/set_utility"] = base["metrics"]["set_utility"]
+    yield dg.Output(results, metadata=metadata)
+
+    utilities = {"base": base["metrics"]["set_utility"]} | {
+        m: r["metrics"]["set_utility"] for m, r in results.items()
+    }
+    yield dg.AssetCheckResult(
+        check_name=CHECK_FINITE,
+        passed=all(math.isfinite(u) for u in utilities.values()),
+        metadata={f"{k}_set_utility": float(v) for k, v in utilities.items()},
+    )
+    deltas = {m: r["metrics"]["set_utility"] - base["metrics"]["set_utility"] for m, r in results.items()}
+    yield dg.AssetCheckResult(
+        check_name=CHECK_NOT_WORSE,
+        passed=all(d >= 0 for d in deltas.values()),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={f"{m}_minus_base": float(d) for m, d in deltas.items()},
+    )
+
+
+def _curve(mlflow: MLflowResource, run_id: str, metric: str) -> pd.DataFrame:
+    """Per-step history of ``metric`` in a training run (empty when the run never logged it)."""
+    history = mlflow.call(mlflow.client().get_metric_history, run_id, metric)
+    df = pd.DataFrame([{"step": m.step, "value": m.value} for m in history], columns=["step", "value"])
+    return df.sort_values("step").drop_duplicates("step", keep="last")  # a resumed step keeps its last value
+
+
+@dg.asset(
+    group_name="evaluation",
+    kinds={"mlflow", "pandas"},
+    ins={
+        "policy_evaluation": dg.AssetIn(metadata={"allow_missing_partitions": True}),
+        "fine_tuned_policy": dg.AssetIn(metadata={"allow_missing_partitions": True}),
+    },
+    description="Side-by-side table of the methods (eval metrics read back from MLflow) and their learning "
+    "curves; moves the registered model's champion alias to the method with the highest eval set utility.",
+)
+def method_comparison(
+    context: dg.AssetExecutionContext,
+    config: ComparisonConfig,
+    policy_evaluation: dict[str, dict[str, Any]],
+    fine_tuned_policy: dict[str, dict[str, Any]],
+    mlflow: MLflowResource,
+    storage: StorageResource,
+) -> dg.Output[dict[str, Any]]:
+    methods = [m for m in METHODS if m in policy_evaluation and m in fine_tuned_policy]
+    if not methods:
+        raise ValueError("no method has both a fine-tuned policy and an evaluation; materialize them first")
+    client = mlflow.client()
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, dict[str, pd.DataFrame]] = {metric: {} for metric in config.curve_metrics}
+    # Eval metrics come from MLflow (what its UI shows), not from the manifests.
+    columns = [config.metric, f"{config.metric}_low", f"{config.metric}_high"]
+    columns += [k for k in evaluation.METRICS if k != config.metric]
+    base_eval_run = policy_evaluation[methods[0]]["base_mlflow_run_id"]
+    base_metrics = mlflow.call(client.get_run, base_eval_run).data.metrics
+    rows.append({"method": "base", **{k: base_metrics.get(k) for k in columns}, "eval_run_id": base_eval_run})
+    for m in methods:
+        eval_run = policy_evaluation[m]["mlflow_run_id"]
+        train_run = fine_tuned_policy[m]["mlflow_run_id"]
+        metrics = mlflow.call(client.get_run, eval_run).data.metrics
+        for metric in config.curve_metrics:
+            curves[metric][m] = _curve(mlflow, train_run, metric)
+        train_curve = curves[config.curve_metrics[0]][m] if config.curve_metrics else pd.DataFrame()
+        rows.append(
+            {
+                "method": m,
+                **{k: metrics.get(k) for k in columns},
+                "train_steps": int(train_curve["step"].max()) if len(train_curve) else 0,
+                "final_train_metric": float(train_curve["value"].iloc[-1]) if len(train_curve) else None,
+                "model_version": fine_tuned_policy[m].get("model_version"),
+                "train_run_id": train_run,
+                "eval_run_id": eval_run,
+            }
+        )
+    table = pd.DataFrame(rows)
+    if table[config.metric].isna().all():
+        raise ValueError(f"eval runs have no metric {config.metric!r}; choose one of {evaluation.METRICS}")
+    table.insert(4, "delta_vs_base", table[config.metric] - table.loc[0, config.metric])
+    scored = table[table["method"] != "base"].dropna(subset=[config.metric])
+    winner = (
+        str(scored.sort_values(config.metric, ascending=False).iloc[0]["method"]) if len(scored) else None
+    )
+
+    out_dir = storage.run_dir(context, "method_comparison")
+    png = figure_png(
+        learning_curves(curves, "Learning curves (from MLflow)"), out_dir / "learning_curves.png"
+    )
+    (out_dir / "comparison.md").write_text(table.to_markdown(index=False, floatfmt=".4g"))
+    champion_version = None
+    with stage_run(
+        mlflow, context, "compare", params={"metric": config.metric, "methods": ",".join(methods)}
+    ) as rid:
+        log_table(mlflow, rid, table, "method_comparison", out_dir)
+        log_file(mlflow, rid, out_dir / "learning_curves.png", "plots")
+        log_file(mlflow, rid, out_dir / "comparison.md")
+        if winner is not None:
+            mlflow.call(client.set_tag, rid, "winner", winner)
+            champion_version = fine_tuned_policy[winner].get("model_version")
+            if champion_version is not None:
+                mlflow.call(
+                    client.set_registered_model_alias,
+                    mlflow.registered_model_name,
+                    config.champion_alias,
+                    str(champion_version),
+                )
+    context.log.info(f"winner by eval {config.metric}: {winner} (model version {champion_version})")
+    return dg.Output(
+        {
+            "winner": winner,
+            "metric": config.metric,
+            "champion_alias": config.champion_alias,
+            "champion_version": champion_version,
+            "table": table.to_dict(orient="records"),
+            "mlflow_run_id": rid,
+            "root_run_id": root_run_id(context),
+        },
+        metadata={
+            "winner": str(winner),
+            "champion_version": str(champion_version),
+            "comparison": md_preview(
+                table.drop(columns=["train_run_id", "eval_run_id"], errors="ignore"), 20
+            ),
+            "learning_curves": png_md(png, "learning curves"),
+            "mlflow_run_id": rid,
+        },
+    )

@@ -1,0 +1,177 @@
+"""Training domain: the base policy (warm start or a local checkpoint) and a fine-tuned policy per method."""
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from pipelines.config import BasePolicyConfig, TrainConfig
+from pipelines.partitions import method_partitions
+from pipelines.resources import ComputeResource, GenerationResource, MLflowResource, StorageResource
+from pipelines.taskio import load_split, load_task
+from pipelines.tracking import MLflowMetricsCallback, log_file, log_metrics, log_policy_model, stage_run
+from shapegrpo_core import policy
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"pytorch", "huggingface", "mlflow"},
+    description="The starting policy every method fine-tunes: a tiny offline model with an SFT warm start on "
+    "format-only demonstrations, or a local Hugging Face checkpoint. Logged and registered in MLflow "
+    "(alias 'base').",
+)
+def base_policy(
+    context: dg.AssetExecutionContext,
+    config: BasePolicyConfig,
+    task_dataset: dict[str, Any],
+    storage: StorageResource,
+    mlflow: MLflowResource,
+    compute: ComputeResource,
+) -> dg.Output[dict[str, Any]]:
+    task = load_task(task_dataset)
+    if config.model_path:
+        path = Path(config.model_path).resolve()
+        source = "local_checkpoint"
+        params: dict[str, Any] = {"model_path": str(path)}
+    else:
+        source = "warm_start"
+        params = config.model_dump(exclude={"model_path", "register_model"})
+        path = policy.warm_start(
+            task,
+            storage.run_dir(context, "base_policy"),
+            num_demos=config.num_demos,
+            epochs=config.epochs,
+            max_steps=config.max_steps,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            seed=config.seed,
+            use_cpu=compute.use_cpu,
+        )
+    model, tokenizer = policy.load_policy(path)  # also validates a user-supplied checkpoint
+    num_params = policy.num_parameters(model)
+    del model
+
+    metadata: dict[str, Any] = {"source": source, "path": dg.MetadataValue.path(str(path))}
+    with stage_run(mlflow, context, "base_policy", method="base", params={"source": source, **params}) as rid:
+        metrics: dict[str, Any] = {"num_parameters": num_params, "vocab_size": len(tokenizer)}
+        if (path / policy.WARM_START_INFO).is_file():
+            info = policy.read_warm_start_info(path)
+            metrics |= {k: info[k] for k in ("train_loss", "global_steps", "wall_s")}
+            log_file(mlflow, rid, path / policy.WARM_START_INFO)
+        log_metrics(mlflow, rid, metrics)
+        registered = (
+            log_policy_model(mlflow, rid, path, method="base", aliases=("base",))
+            if config.register_model
+            else {}
+        )
+    metadata |= {k: v for k, v in metrics.items()} | {"mlflow_run_id": rid}
+    metadata |= {k: str(v) for k, v in registered.items()}
+    return dg.Output(
+        {
+            "path": str(path),
+            "source": source,
+            "mlflow_run_id": rid,
+            **registered,
+            "num_parameters": num_params,
+        },
+        metadata=metadata,
+    )
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"pytorch", "huggingface", "mlflow"},
+    partitions_def=method_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=["shapley_credits"],  # its blocking checks (efficiency, finite advantages) gate training
+    description="One fine-tuned policy per method (grpo = uniform credit, shapegrpo = Shapley credit, loo = "
+    "leave-one-out credit), all from the same base policy with the same seed and step budget. Per-step "
+    "training metrics go to MLflow; each policy is registered with an alias named after its method.",
+)
+def fine_tuned_policy(
+    context: dg.AssetExecutionContext,
+    config: TrainConfig,
+    task_dataset: dict[str, Any],
+    base_policy: dict[str, Any],
+    storage: StorageResource,
+    mlflow: MLflowResource,
+    compute: ComputeResource,
+    generation: GenerationResource,
+) -> dg.Output[dict[str, dict[str, Any]]]:
+    from shapegrpo_core.training import train_policy  # TRL is slow to import; only training needs it
+
+    task = load_task(task_dataset)
+    train_dataset = load_split(task_dataset, "train")
+    eval_dataset = load_split(task_dataset, "eval")
+    results: dict[str, dict[str, Any]] = {}
+    metadata: dict[str, Any] = {}
+    for method in context.partition_keys:
+        out_dir = storage.run_dir(context, "fine_tuned_policy", method)
+        params = config.model_dump(exclude={"training_options", "register_model"}) | {
+            "base_model_version": base_policy.get("model_version"),
+            "base_path": base_policy["path"],
+            **{f"option.{k}": v for k, v in config.training_options.items()},
+        }
+        with stage_run(mlflow, context, "train", method=method, params=params, resume=True) as rid:
+            callback = MLflowMetricsCallback(mlflow, rid)
+            options = {"use_cpu": compute.use_cpu, **config.training_options}
+            if generation.validate_backend() == "vllm":
+                options.setdefault("use_vllm", True)
+            result = train_policy(
+                task,
+                base_policy["path"],
+                out_dir,
+                method=method,
+                lam=config.lam,
+                max_steps=config.max_steps,
+                seed=config.seed,
+                num_generations=config.num_generations,
+                prompts_per_step=config.prompts_per_step,
+                learning_rate=config.learning_rate,
+                max_completion_length=config.max_completion_length,
+                temperature=config.temperature,
+                beta=config.beta,
+                scale_rewards=config.scale_rewards,
+                save_steps=config.save_steps,
+                eval_every=config.eval_every,
+                eval_num_prompts=config.eval_num_prompts,
+                eval_dataset=eval_dataset,
+                logging_steps=config.logging_steps,
+                train_dataset=train_dataset,
+                callbacks=[callback],
+                resume=True,
+                **options,
+            )
+            path = Path(result.final_checkpoint)
+            log_metrics(
+                mlflow,
+                rid,
+                {"train_seconds": result.train_seconds, "seconds_per_step": result.seconds_per_step},
+                step=result.global_step,
+            )
+            log_file(mlflow, rid, path / "train_result.json")
+            registered = (
+                log_policy_model(mlflow, rid, path, method=method, aliases=(method,))
+                if config.register_model
+                else {}
+            )
+        results[method] = {
+            "path": str(path),
+            "mlflow_run_id": rid,
+            "method": method,
+            "global_step": result.global_step,
+            "resumed_from": result.resumed_from,
+            "train_seconds": result.train_seconds,
+            **registered,
+        }
+        metadata[f"{method}/mlflow_run_id"] = rid
+        metadata[f"{method}/metrics_logged"] = callback.num_logged
+        metadata[f"{method}/train_seconds"] = result.train_seconds
+        if result.resumed_from:
+            metadata[f"{method}/resumed_from"] = result.resumed_from
+        if registered:
+            metadata[f"{method}/model_version"] = registered["model_version"]
+    return dg.Output(results, metadata=metadata)

@@ -1,0 +1,131 @@
+"""Run settings of the assets (``dg.Config``): set them in the launchpad, a ``-c run_config.yaml`` file or a
+schedule/sensor. Each asset reads only its own settings; task identity (name, K, constructor options, data
+seed) travels downstream in the ``task_dataset`` manifest so that every stage scores with the same task.
+
+The defaults are the embedded CPU default (recsys, tiny policy), with the budget and learning rate of
+``benchmarks/convergence.py`` (100 steps, G = 8, 4 prompts per step, lr 1e-3, a 64-wide 2-layer policy), sized
+to finish ``compare_methods`` within 15 minutes on 2 cores; ``configs/smoke.yaml`` shrinks everything further.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+METHODS = ("grpo", "shapegrpo", "loo")
+# Credit allocation each method trains with (shapegrpo_core.credit.ALLOCATIONS).
+METHOD_ALLOCATION = {"grpo": "uniform", "shapegrpo": "shapley", "loo": "loo"}
+
+
+class TaskDatasetConfig(dg.Config):
+    """Which task to build and how: the task name, K and the task's own constructor options."""
+
+    task: str = Field(default="recsys", description="Task name in shapegrpo_core.tasks.TASKS.")
+    num_candidates: int = Field(default=4, description="K, candidates per response.")
+    task_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Other keyword arguments of the task constructor (e.g. recsys: num_items, game, "
+        "num_train_users, movielens_path).",
+    )
+    seed: int = Field(default=0, description="Row order of the dataset splits.")
+
+
+class BasePolicyConfig(dg.Config):
+    """The starting policy: a local Hugging Face checkpoint, or the offline tiny model + SFT warm start."""
+
+    model_path: str | None = Field(
+        default=None, description="A local HF checkpoint dir (e.g. Qwen2.5-0.5B-Instruct); None = warm start."
+    )
+    num_demos: int = Field(default=3000, description="Warm-start demonstrations.")
+    epochs: float = Field(default=2.0, description="Warm-start SFT epochs (ignored when max_steps > 0).")
+    max_steps: int = Field(default=-1, description="Warm-start SFT steps; -1 = use epochs.")
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    seed: int = 0
+    register_model: bool = Field(
+        default=True, description="Log with the transformers flavour and register in MLflow."
+    )
+
+
+class RolloutConfig(dg.Config):
+    """Rollouts of the base policy used to inspect credit before training: prompts x G responses."""
+
+    num_prompts: int = Field(default=32, description="Training prompts to roll out.")
+    num_generations: int = Field(default=8, description="G, responses per prompt.")
+    max_new_tokens: int = Field(default=16, description="Completion length cap.")
+    temperature: float = 1.0
+    seed: int = 0
+
+
+class CreditConfig(dg.Config):
+    """How candidate credit is computed for the credits table."""
+
+    lam: float = Field(default=1.0, description="Mix lambda: 0 = GRPO credit, 1 = pure Shapley/LOO credit.")
+    engine: str = Field(default="auto", description="Shapley engine: auto, closed_form, exact, monte_carlo.")
+    scale_rewards: str = Field(default="group", description="Advantage scaling: group, batch or none.")
+    free_rider_tol: float = Field(
+        default=1e-9, description="A candidate with phi <= tol in a set with R > u0 is a free rider."
+    )
+    seed: int = 0
+
+
+class TrainConfig(dg.Config):
+    """Fine-tuning budget, identical for every method partition (same warm start, seed and budget).
+
+    Fields map onto ``shapegrpo_core.training.train_policy``; ``training_options`` passes any other
+    ShapEGRPOConfig/GRPOConfig field (e.g. ``per_device_train_batch_size``, ``shapley_engine``, ``bf16``).
+    """
+
+    max_steps: int = Field(default=100, description="Optimizer steps per method.")
+    num_generations: int = Field(default=8, description="G, responses per prompt in a GRPO group.")
+    prompts_per_step: int = Field(default=4, description="Prompts per optimizer step (x G completions).")
+    lam: float | None = Field(
+        default=None, description="Credit mix lambda; None = the method's own (grpo 0, shapegrpo/loo 1)."
+    )
+    learning_rate: float = Field(default=1e-3, description="Tuned on GRPO/recsys in benchmarks/convergence.")
+    max_completion_length: int | None = Field(
+        default=None, description="Completion cap; None = the base policy's generation_config.max_new_tokens."
+    )
+    temperature: float = 1.0
+    beta: float = Field(default=0.0, description="KL coefficient.")
+    scale_rewards: str = Field(default="group", description="Advantage scaling: group, batch or none.")
+    save_steps: int | None = Field(default=None, description="Checkpoint interval (resume after a crash).")
+    eval_every: int | None = Field(
+        default=20, description="Held-out evaluation every N steps (learning curves); None = off."
+    )
+    eval_num_prompts: int = 32
+    logging_steps: int = 1
+    seed: int = 0
+    training_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for shapegrpo_core.training.train_policy."
+    )
+    register_model: bool = Field(default=True, description="Log and register each fine-tuned policy.")
+
+
+class EvalConfig(dg.Config):
+    """Held-out evaluation, identical for every method and for the base policy."""
+
+    num_prompts: int = Field(default=100, description="Eval prompts (capped at the eval split size).")
+    num_samples: int = Field(default=4, description="Samples per prompt.")
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    num_bootstrap: int = 1000
+    seed: int = 0
+
+
+class ComparisonConfig(dg.Config):
+    """How the winner is chosen."""
+
+    metric: str = Field(
+        default="set_utility", description="Eval metric the champion is chosen by (higher wins)."
+    )
+    curve_metrics: list[str] = Field(
+        default=["reward", "heldout/set_utility"],
+        description="Training-run metrics plotted per step (TRL's mean set reward, held-out set utility).",
+    )
+    champion_alias: str = "champion"

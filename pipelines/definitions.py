@@ -1,0 +1,88 @@
+"""The Dagster ``Definitions`` of the pipeline: assets, checks, jobs, schedule, sensor and resources.
+
+Locations come from environment variables when set (so a deployment or a test can move them) and otherwise
+default to the repository layout: ``data/`` for files, ``mlruns/`` for the MLflow store.
+
+    MLFLOW_TRACKING_URI        default sqlite:///mlruns/mlflow.db
+    SHAPEGRPO_MLFLOW_ARTIFACTS default mlruns/artifacts
+    SHAPEGRPO_MLFLOW_EXPERIMENT default shapegrpo
+    SHAPEGRPO_DATA_DIR         default data
+    SHAPEGRPO_INCOMING_DIR     default data/incoming  (read by the sensor at each evaluation)
+    SHAPEGRPO_DEVICE           default cpu   (cpu | cuda | auto)
+    SHAPEGRPO_NUM_THREADS      default 1     (torch threads; 0 = torch's default, one per core)
+    SHAPEGRPO_GENERATION       default hf    (hf | vllm)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from pipelines.assets import all_assets
+from pipelines.checks import all_checks
+from pipelines.jobs import all_jobs, all_schedules
+from pipelines.resources import (
+    DEFAULT_ARTIFACT_ROOT,
+    DEFAULT_EXPERIMENT,
+    DEFAULT_TRACKING_URI,
+    ComputeResource,
+    GenerationResource,
+    ManifestIOManager,
+    MLflowResource,
+    StorageResource,
+    offline_environment,
+)
+from pipelines.sensors import all_sensors
+
+
+def build_resources(
+    *,
+    data_dir: str | None = None,
+    tracking_uri: str | None = None,
+    artifact_root: str | None = None,
+    experiment_name: str | None = None,
+    device: str | None = None,
+    num_threads: int | None = None,
+    generation_backend: str | None = None,
+) -> dict[str, Any]:
+    """Resources pointing at the given locations (else environment variables, else the repo defaults)."""
+    env = os.environ.get
+    data = data_dir or env("SHAPEGRPO_DATA_DIR", "data")
+    return {
+        "mlflow": MLflowResource(
+            tracking_uri=tracking_uri or env("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
+            artifact_root=artifact_root or env("SHAPEGRPO_MLFLOW_ARTIFACTS", DEFAULT_ARTIFACT_ROOT),
+            experiment_name=experiment_name or env("SHAPEGRPO_MLFLOW_EXPERIMENT", DEFAULT_EXPERIMENT),
+        ),
+        "generation": GenerationResource(backend=generation_backend or env("SHAPEGRPO_GENERATION", "hf")),
+        "compute": ComputeResource(
+            device=device or env("SHAPEGRPO_DEVICE", "cpu"),
+            num_threads=num_threads if num_threads is not None else int(env("SHAPEGRPO_NUM_THREADS", "1")),
+        ),
+        "storage": StorageResource(root_dir=data),
+        "io_manager": ManifestIOManager(base_dir=str(Path(data) / "assets")),
+    }
+
+
+def build_definitions(**locations: Any) -> dg.Definitions:
+    """The pipeline's Definitions; ``locations`` are :func:`build_resources` keyword arguments."""
+    resources = build_resources(**locations)
+    return dg.Definitions(
+        assets=all_assets,
+        asset_checks=all_checks,
+        jobs=all_jobs,
+        schedules=all_schedules,
+        sensors=all_sensors,
+        resources=resources,
+        # One process per run: the steps share imports (torch, transformers, TRL) and run one after another on
+        # the CPU anyway. Switch to the multiprocess executor (or a k8s/celery executor) when steps have their
+        # own machines.
+        executor=dg.in_process_executor,
+    )
+
+
+offline_environment()
+defs = build_definitions()

@@ -1,0 +1,386 @@
+"""Dagster resources: connections and machines the assets use, each configured once per run.
+
+* :class:`MLflowResource` — tracking store + model registry (default: SQLite under ``mlruns/``), with retries
+  for SQLite's "database is locked" so that concurrent pipeline runs lose no record.
+* :class:`GenerationResource` — how rollouts are generated: ``hf`` (transformers ``generate``, the default) or
+  ``vllm`` (where installed).
+* :class:`ComputeResource` — device and CPU threads.
+* :class:`StorageResource` — where datasets, checkpoints and tables are written (``data/``).
+* :class:`ManifestIOManager` — passes asset values between steps: DataFrames as parquet, everything else as
+  JSON manifests (paths, MLflow ids, numbers). Partitioned values are dicts ``{partition: value}``, so a
+  single-run backfill over the method partitions stores each method on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+T = TypeVar("T")
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
+DEFAULT_EXPERIMENT = "shapegrpo"
+DEFAULT_MODEL_NAME = "shapegrpo-policy"
+
+# Substrings of errors that SQLite raises under concurrent writers (or that a losing writer of a racing insert
+# gets); the transaction was rolled back, so repeating the call is safe.
+_TRANSIENT_MARKERS = (
+    "database is locked",
+    "database table is locked",
+    "unable to open database file",
+    "UNIQUE constraint failed: model_versions",
+    "UNIQUE constraint failed: registered_models",
+    "TEMPORARILY_UNAVAILABLE",
+)
+
+
+# Store calls retried because of contention, per process (evidence for logs and tests of contention).
+RETRY_COUNT = {"transient_errors": 0}
+# Stores this process has opened (schema checked/created) already.
+_OPENED_STORES: set[str] = set()
+
+
+def offline_environment() -> None:
+    """No hub downloads, no telemetry: the pipeline runs without network access."""
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("TRANSFORMERS_OFFLINE", "1"),
+        ("HF_DATASETS_OFFLINE", "1"),
+        ("MLFLOW_DISABLE_TELEMETRY", "true"),
+        ("DO_NOT_TRACK", "true"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(key, value)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative paths resolved against the working directory)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return Path(uri[len(prefix) :]).resolve()
+
+
+def _is_transient(err: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(err, OperationalError):
+        return True
+    if isinstance(err, MlflowException):
+        text = f"{err.error_code} {err.message}"
+        return any(marker in text for marker in _TRANSIENT_MARKERS)
+    return False
+
+
+class MLflowResource(dg.ConfigurableResource):
+    """MLflow tracking and registry for the pipeline.
+
+    Sets the tracking and registry URIs from ``tracking_uri`` (a relative ``sqlite:///`` path is made
+    absolute so that every step process agrees), creates ``experiment_name`` with its artifacts under
+    ``artifact_root``, and wraps every store call in :meth:`call`, which retries on SQLite lock errors with
+    jittered backoff.
+    """
+
+    tracking_uri: str = Field(default=DEFAULT_TRACKING_URI, description="MLflow tracking (and registry) URI.")
+    artifact_root: str = Field(
+        default=DEFAULT_ARTIFACT_ROOT, description="Artifact location of the experiment (a local dir or URI)."
+    )
+    experiment_name: str = Field(default=DEFAULT_EXPERIMENT, description="One experiment holds every run.")
+    registered_model_name: str = Field(
+        default=DEFAULT_MODEL_NAME,
+        description="Registered model holding base and fine-tuned policy versions.",
+    )
+    max_attempts: int = Field(default=30, description="Attempts per store call under lock contention.")
+
+    # ------------------------------------------------------------------------------------------- locations
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        db = _sqlite_path(self.tracking_uri)
+        return f"sqlite:///{db}" if db is not None else self.tracking_uri
+
+    @property
+    def resolved_artifact_location(self) -> str:
+        if "://" in self.artifact_root:
+            return self.artifact_root
+        return Path(self.artifact_root).resolve().as_uri()
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """An inter-process lock next to a SQLite store (no-op for server stores, which serialise themselves).
+
+        Guards find-or-create sequences (store schema creation, the experiment, a Dagster run's parent run)
+        that two processes could otherwise both decide to create.
+        """
+        db = _sqlite_path(self.tracking_uri)
+        if db is None:
+            yield
+            return
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.parent / f".{db.name}.{name}.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------------------------------- calls
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)``, retried while SQLite reports contention (never on other errors)."""
+        delay = 0.05
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                if attempt == self.max_attempts or not _is_transient(err):
+                    raise
+                RETRY_COUNT["transient_errors"] += 1
+                time.sleep(delay * (1.0 + random.random()))
+                delay = min(delay * 2.0, 2.0)
+        raise AssertionError("unreachable")
+
+    def configure(self) -> None:
+        """Point the (fluent) MLflow API at this store and make sure its schema exists."""
+        import mlflow
+
+        uri = self.resolved_tracking_uri
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        self.client()
+
+    def client(self) -> Any:
+        """An ``mlflow.MlflowClient`` on this store.
+
+        Creating a client opens the store, and opening a fresh SQLite store runs its schema migrations; two
+        processes doing that at once corrupt each other's migration ("duplicate column"), so the first client
+        of each process is created under the inter-process lock.
+        """
+        offline_environment()
+        from mlflow import MlflowClient
+
+        uri = self.resolved_tracking_uri
+        if uri in _OPENED_STORES:
+            return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with self.lock("init"):
+            client = self.call(MlflowClient, tracking_uri=uri, registry_uri=uri)
+            self.call(client.search_registered_models, max_results=1)  # opens the registry store too
+        _OPENED_STORES.add(uri)
+        return client
+
+    def experiment_id(self) -> str:
+        """Id of ``experiment_name``, created (artifact location under ``artifact_root``) if missing."""
+        self.configure()
+        client = self.client()
+        with self.lock("experiment"):
+            exp = self.call(client.get_experiment_by_name, self.experiment_name)
+            if exp is not None:
+                return exp.experiment_id
+            return self.call(
+                client.create_experiment,
+                self.experiment_name,
+                artifact_location=self.resolved_artifact_location,
+                tags={"project": "shapegrpo"},
+            )
+
+
+class GenerationResource(dg.ConfigurableResource):
+    """Rollout backend. ``hf``: transformers ``generate`` (default, CPU-friendly). ``vllm``: vLLM, where
+    installed (GPU); the trainer then uses TRL's ``use_vllm``. Selecting vllm without it installed is an
+    error, not a silent fallback."""
+
+    backend: str = Field(default="hf", description="'hf' or 'vllm'.")
+    batch_size: int = Field(default=64, description="Prompts per generate call (hf).")
+    vllm_gpu_memory_utilization: float = Field(default=0.3, description="vLLM colocate memory share.")
+
+    def validate_backend(self) -> str:
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"generation backend must be 'hf' or 'vllm', got {self.backend!r}")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError(
+                "generation backend 'vllm' selected but vllm is not installed (pip install '.[vllm]')"
+            )
+        return self.backend
+
+    def generate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompts: list[Any],
+        *,
+        model_path: str,
+        num_samples: int,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+    ) -> list[list[str]]:
+        """``num_samples`` completions per prompt, decoded as TRL decodes them."""
+        backend = self.validate_backend()
+        if backend == "hf":
+            from shapegrpo_core.evaluation import generate_completions
+
+            return generate_completions(
+                model,
+                tokenizer,
+                prompts,
+                num_samples=num_samples,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed,
+                batch_size=self.batch_size,
+            )
+        from vllm import LLM, SamplingParams  # type: ignore[import-not-found]
+
+        llm = LLM(model=model_path, gpu_memory_utilization=self.vllm_gpu_memory_utilization, seed=seed)
+        params = SamplingParams(n=num_samples, temperature=temperature, max_tokens=max_new_tokens, seed=seed)
+        if prompts and isinstance(prompts[0], list):
+            outputs = llm.chat(prompts, params)
+        else:
+            outputs = llm.generate(prompts, params)
+        return [[o.text for o in out.outputs] for out in outputs]
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Where the math runs: ``device`` (cpu, cuda or auto) and ``num_threads`` (0 keeps torch's default)."""
+
+    device: str = Field(default="cpu", description="'cpu', 'cuda' or 'auto'.")
+    num_threads: int = Field(
+        default=1,
+        description="torch intra-op threads (0 = torch's default, one per core). 1 is fastest for the tiny "
+        "CPU policies and avoids OpenMP oversubscription when other processes share the cores (40x slower).",
+    )
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        import torch
+
+        if self.num_threads > 0:
+            torch.set_num_threads(self.num_threads)
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but torch sees no GPU")
+        return self.device
+
+    @property
+    def use_cpu(self) -> bool:
+        return self.resolved_device() == "cpu"
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Local files of the pipeline: ``root_dir``/runs/<root Dagster run id>/<asset>/<partition>.
+
+    The root run id (not the run id) is used so that re-executing a failed run ("from failure") writes into
+    the same directory and training resumes from the last complete checkpoint there.
+    """
+
+    root_dir: str = Field(default="data", description="Root directory for datasets, checkpoints and tables.")
+
+    def run_dir(self, context: dg.AssetExecutionContext, *parts: str) -> Path:
+        run = context.run
+        root_run_id = run.root_run_id or run.run_id
+        path = Path(self.root_dir).resolve() / "runs" / root_run_id / Path(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class ManifestIOManager(dg.ConfigurableIOManager):
+    """Stores DataFrames as parquet and other values as JSON under ``base_dir``/<asset key>[/<partition>].
+
+    A partitioned asset's value is always a dict keyed by the partitions the run covers (one key, or several
+    in a single-run backfill); each partition is stored on its own. Loading a partitioned asset returns such a
+    dict too, so partitioned assets simply loop over ``context.partition_keys``.
+    """
+
+    base_dir: str = Field(default="data/assets", description="Where asset values are stored.")
+
+    def _path(self, asset_key: dg.AssetKey, partition: str | None) -> Path:
+        path = Path(self.base_dir).resolve().joinpath(*asset_key.path)
+        return path / partition if partition is not None else path
+
+    @staticmethod
+    def _write(path: Path, obj: Any) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(obj, pd.DataFrame):
+            target = path.with_name(path.name + ".parquet")
+            tmp = target.with_name(target.name + ".tmp")
+            obj.to_parquet(tmp, index=False)
+        else:
+            target = path.with_name(path.name + ".json")
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_text(json.dumps(obj, indent=1, default=str))
+        os.replace(tmp, target)  # readers never see a half-written value
+        for stale in (path.with_name(path.name + ext) for ext in (".parquet", ".json")):
+            if stale != target and stale.exists():
+                stale.unlink()
+        return target
+
+    @staticmethod
+    def _read(path: Path) -> Any:
+        parquet, js = path.with_name(path.name + ".parquet"), path.with_name(path.name + ".json")
+        if parquet.exists():
+            return pd.read_parquet(parquet)
+        if js.exists():
+            return json.loads(js.read_text())
+        raise FileNotFoundError(
+            f"no stored value at {path}(.parquet|.json); materialize the upstream asset first"
+        )
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if obj is None:
+            return
+        if context.has_asset_partitions:
+            keys = list(context.asset_partition_keys)
+            if not isinstance(obj, Mapping) or set(obj) != set(keys):
+                raise ValueError(
+                    f"{context.asset_key.to_user_string()} covers partitions {keys}; "
+                    "return a dict keyed by exactly those partitions"
+                )
+            targets = [self._write(self._path(context.asset_key, k), obj[k]) for k in keys]
+        else:
+            targets = [self._write(self._path(context.asset_key, None), obj)]
+        context.add_output_metadata({"stored_at": dg.MetadataValue.path(str(targets[0].parent))})
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        if context.has_asset_partitions:
+            keys = list(context.asset_partition_keys)
+            # Always a dict, even for one partition: consumers loop over ``context.partition_keys``. An input
+            # declared with metadata allow_missing_partitions=True skips partitions never materialized.
+            allow_missing = bool((context.definition_metadata or {}).get("allow_missing_partitions", False))
+            values = {}
+            for key in keys:
+                try:
+                    values[key] = self._read(self._path(context.asset_key, key))
+                except FileNotFoundError:
+                    if not allow_missing:
+                        raise
+                    context.log.warning(
+                        f"{context.asset_key.to_user_string()}[{key}] not materialized; skipped"
+                    )
+            return values
+        if context.has_asset_key:
+            return self._read(self._path(context.asset_key, None))
+        # Reading a result back outside a step (``result.output_for_node``): the upstream output has the key.
+        upstream = context.upstream_output
+        if upstream is None or not upstream.has_asset_key:
+            raise ValueError("ManifestIOManager only stores asset values; this input has no asset key")
+        return self._read(self._path(upstream.asset_key, None))

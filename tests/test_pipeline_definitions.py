@@ -1,0 +1,85 @@
+"""The Dagster definitions load and hold every asset, check, job, schedule and sensor."""
+
+import dagster as dg
+from pipeline_fixtures import definitions
+
+import pipelines
+from pipelines.config import METHODS
+from pipelines.partitions import ALL_METHODS_TAGS
+
+ASSETS = {
+    "task_dataset",
+    "base_policy",
+    "candidate_sets",
+    "candidate_utilities",
+    "shapley_credits",
+    "fine_tuned_policy",
+    "policy_evaluation",
+    "method_comparison",
+}
+CHECKS = {
+    ("shapley_credits", "check_efficiency"),
+    ("shapley_credits", "check_advantages_finite"),
+    ("candidate_sets", "check_candidates_parsed"),
+    ("policy_evaluation", "check_eval_utility_finite"),
+    ("policy_evaluation", "check_not_worse_than_base"),
+}
+
+
+def test_module_defs_validate() -> None:
+    dg.Definitions.validate_loadable(pipelines.defs)
+
+
+def test_assets_checks_jobs_schedule_sensor_present(tmp_path) -> None:
+    defs = definitions(tmp_path)
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS
+    assert {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys} == CHECKS
+
+    compare = defs.resolve_job_def("compare_methods")
+    retrain = defs.resolve_job_def("retrain")
+    assert {k.to_user_string() for k in compare.asset_layer.executable_asset_keys} == ASSETS
+    assert {k.to_user_string() for k in retrain.asset_layer.executable_asset_keys} == {
+        "fine_tuned_policy",
+        "policy_evaluation",
+        "method_comparison",
+    }
+    for job in (compare, retrain):  # one run covers every method partition
+        assert ALL_METHODS_TAGS.items() <= job.tags.items()
+
+    schedule = defs.resolve_schedule_def("weekly_retrain")
+    assert schedule.job_name == "retrain"
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    sensor = defs.resolve_sensor_def("incoming_data_sensor")
+    assert sensor.job_name == "compare_methods"
+
+
+def test_assets_are_grouped_with_kinds_and_partitions(tmp_path) -> None:
+    graph = definitions(tmp_path).resolve_asset_graph()
+    groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
+    assert groups == {
+        "task_dataset": "data",
+        "base_policy": "training",
+        "fine_tuned_policy": "training",
+        "candidate_sets": "rollouts",
+        "candidate_utilities": "rollouts",
+        "shapley_credits": "credit",
+        "policy_evaluation": "evaluation",
+        "method_comparison": "evaluation",
+    }
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).kinds, f"{key} has no kinds"
+    for name in ("fine_tuned_policy", "policy_evaluation"):
+        partitions = graph.get(dg.AssetKey(name)).partitions_def
+        assert partitions is not None and partitions.get_partition_keys() == list(METHODS)
+    blocking = {
+        (k.asset_key.to_user_string(), k.name)
+        for k in graph.asset_check_keys
+        if graph.get_check_spec(k).blocking
+    }
+    assert blocking == {
+        ("shapley_credits", "check_efficiency"),
+        ("shapley_credits", "check_advantages_finite"),
+        ("policy_evaluation", "check_eval_utility_finite"),
+    }
