@@ -107,16 +107,23 @@ def set_and_singleton_values(game: Game) -> tuple[float, np.ndarray]:
     return float(values[0]), values[1:]
 
 
-def score_response(
-    task: Task, completion: str, example: Mapping[str, Any], num_candidates: int | None = None
-) -> ResponseScore:
-    """Parse ``completion``, build its game on the first K candidates and value the set and each singleton."""
-    k = task.num_candidates if num_candidates is None else num_candidates
+def _num_candidates(task: Task, num_candidates: int | None) -> int:
+    k = task.num_candidates if num_candidates is None else int(num_candidates)
     if k < 1:
         raise ValueError(f"num_candidates must be >= 1, got {k}")
-    parsed = task.parse(completion)
-    candidates = tuple(parsed[:k])
-    game = task.game(candidates, example)
+    return k
+
+
+def _check_scorer_errors(scorer_errors: str) -> None:
+    if scorer_errors not in SCORER_ERRORS:
+        raise ValueError(f"scorer_errors must be one of {SCORER_ERRORS}, got {scorer_errors!r}")
+
+
+def score_with_game(
+    task: Task, completion: str, parsed: Sequence[Candidate], game: Game, num_candidates: int
+) -> ResponseScore:
+    """The score of a parsed response whose game (over ``parsed[:num_candidates]``) is already built."""
+    candidates = tuple(parsed[:num_candidates])
     if game.num_players != len(candidates):
         raise ValueError(
             f"task {task.name!r} built a game with {game.num_players} players "
@@ -135,6 +142,23 @@ def score_response(
     )
 
 
+def score_response(
+    task: Task, completion: str, example: Mapping[str, Any], num_candidates: int | None = None
+) -> ResponseScore:
+    """Parse ``completion``, build its game on the first K candidates and value the set and each singleton."""
+    k = _num_candidates(task, num_candidates)
+    parsed = task.parse(completion)
+    return score_with_game(task, completion, parsed, task.game(tuple(parsed[:k]), example), k)
+
+
+def _checked(score: ResponseScore, completion: str) -> ResponseScore | None:
+    """``score``, or None (logged) when its set utility is not finite."""
+    if not math.isfinite(score.set_utility):
+        logger.warning("non-finite set utility %s for completion %r", score.set_utility, completion[:200])
+        return None
+    return score
+
+
 def try_score_response(
     task: Task,
     completion: str,
@@ -148,8 +172,7 @@ def try_score_response(
     is logged as a warning. Callers record it as a NaN set utility (advantage 0 in training, counted in
     metrics).
     """
-    if scorer_errors not in SCORER_ERRORS:
-        raise ValueError(f"scorer_errors must be one of {SCORER_ERRORS}, got {scorer_errors!r}")
+    _check_scorer_errors(scorer_errors)
     if scorer_errors == "raise":
         return score_response(task, completion, example, num_candidates)
     try:
@@ -157,10 +180,56 @@ def try_score_response(
     except (ValueError, ArithmeticError) as err:  # a failed scorer: a recorded NaN, not a crash (DESIGN §7)
         logger.warning("scoring failed for completion %r: %s", completion[:200], err)
         return None
-    if not math.isfinite(score.set_utility):
-        logger.warning("non-finite set utility %s for completion %r", score.set_utility, completion[:200])
-        return None
-    return score
+    return _checked(score, completion)
+
+
+def score_responses(
+    task: Task,
+    completions: Sequence[str],
+    examples: Sequence[Mapping[str, Any]],
+    num_candidates: int | None = None,
+    scorer_errors: str = "nan",
+) -> list[ResponseScore | None]:
+    """:func:`try_score_response` of ``completions[i]`` for ``examples[i]``, every game built by *one*
+    ``task.games`` call (a task with a per-call cost, e.g. the ``code`` sandbox pool, pays it once).
+
+    Same results and error semantics as scoring one by one: with ``scorer_errors="nan"`` a response whose
+    scoring fails is None and the others are scored. When the batch call itself raises (it cannot say which
+    response broke it), every response is scored again on its own with ``task.game``, which isolates the
+    failure. With ``"raise"`` the first error propagates.
+    """
+    _check_scorer_errors(scorer_errors)
+    if len(completions) != len(examples):
+        raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
+    k = _num_candidates(task, num_candidates)
+    if not completions:
+        return []
+    try:
+        parsed = [task.parse(text) for text in completions]
+        games = task.games([(tuple(p[:k]), ex) for p, ex in zip(parsed, examples, strict=True)])
+    except (ValueError, ArithmeticError) as err:
+        if scorer_errors == "raise":
+            raise
+        logger.warning("batch scoring of %d responses failed (%s); scoring one by one", len(examples), err)
+        return [
+            try_score_response(task, text, ex, k, scorer_errors)
+            for text, ex in zip(completions, examples, strict=True)
+        ]
+    if len(games) != len(completions):  # a broken override of Task.games, not a bad response
+        raise RuntimeError(f"task {task.name!r} returned {len(games)} games for {len(completions)} responses")
+    out: list[ResponseScore | None] = []
+    for text, p, game in zip(completions, parsed, games, strict=True):
+        if scorer_errors == "raise":
+            out.append(score_with_game(task, text, p, game, k))
+            continue
+        try:
+            score = score_with_game(task, text, p, game, k)
+        except (ValueError, ArithmeticError) as err:  # as in try_score_response
+            logger.warning("scoring failed for completion %r: %s", text[:200], err)
+            out.append(None)
+            continue
+        out.append(_checked(score, text))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,42 +383,44 @@ def score_completions(
 ) -> pd.DataFrame:
     """Per-response table for ``completions[i][s]`` = sample s for ``examples[i]``.
 
-    A response whose scorer fails (see :func:`try_score_response`) has NaN utilities; it still counts in the
-    format and duplicate rates.
+    All responses are scored in one batch (:func:`score_responses`). A response whose scorer fails (see
+    :func:`try_score_response`) has NaN utilities; it still counts in the format and duplicate rates.
     """
     if len(examples) != len(completions):
         raise ValueError(f"{len(examples)} examples but {len(completions)} completion lists")
-    k = task.num_candidates if num_candidates is None else num_candidates
+    k = _num_candidates(task, num_candidates)
+    flat = [(i, s, text) for i, samples in enumerate(completions) for s, text in enumerate(samples)]
+    scores = score_responses(
+        task, [text for _, _, text in flat], [examples[i] for i, _, _ in flat], k, scorer_errors
+    )
     rows = []
-    for i, (example, samples) in enumerate(zip(examples, completions, strict=True)):
-        for s, text in enumerate(samples):
-            r = try_score_response(task, text, example, num_candidates, scorer_errors)
-            if r is None:  # failed scorer: utilities NaN, format statistics still measured
-                parsed = task.parse(text)
-                scored = parsed[:k]
-                nan = float("nan")
-                row = {
-                    "num_parsed": len(parsed),
-                    "num_scored": len(scored),
-                    "set_utility": nan,
-                    "u0": nan,
-                    "candidate_utility": nan,
-                    "best_candidate_utility": nan,
-                    "duplicate_rate": count_duplicates(scored) / len(scored) if scored else 0.0,
-                    "format_valid_rate": float(task.format_valid(text)),
-                }
-            else:
-                row = {
-                    "num_parsed": r.num_parsed,
-                    "num_scored": r.num_scored,
-                    "set_utility": r.set_utility,
-                    "u0": r.u0,
-                    "candidate_utility": r.candidate_utility,
-                    "best_candidate_utility": r.best_candidate_utility,
-                    "duplicate_rate": r.duplicate_rate,
-                    "format_valid_rate": float(r.format_valid),
-                }
-            rows.append({"prompt_index": i, "sample": s, "completion": text, **row})
+    for (i, s, text), r in zip(flat, scores, strict=True):
+        if r is None:  # failed scorer: utilities NaN, format statistics still measured
+            parsed = task.parse(text)
+            scored = parsed[:k]
+            nan = float("nan")
+            row = {
+                "num_parsed": len(parsed),
+                "num_scored": len(scored),
+                "set_utility": nan,
+                "u0": nan,
+                "candidate_utility": nan,
+                "best_candidate_utility": nan,
+                "duplicate_rate": count_duplicates(scored) / len(scored) if scored else 0.0,
+                "format_valid_rate": float(task.format_valid(text)),
+            }
+        else:
+            row = {
+                "num_parsed": r.num_parsed,
+                "num_scored": r.num_scored,
+                "set_utility": r.set_utility,
+                "u0": r.u0,
+                "candidate_utility": r.candidate_utility,
+                "best_candidate_utility": r.best_candidate_utility,
+                "duplicate_rate": r.duplicate_rate,
+                "format_valid_rate": float(r.format_valid),
+            }
+        rows.append({"prompt_index": i, "sample": s, "completion": text, **row})
     columns = [
         "prompt_index",
         "sample",

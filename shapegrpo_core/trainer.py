@@ -5,8 +5,9 @@ Per generation batch (DESIGN.md §2):
 
 1. TRL generates G responses per prompt and calls the reward function built from the task,
    :class:`SetUtilityReward`: each response is parsed, its first K candidates become the players of the task's
-   game, and the reward handed to TRL is the set utility R_g = U_g(all K_g candidates). The scored responses
-   (candidates, games) are kept for step 3, so nothing is parsed or scored twice.
+   game (all responses of the batch in one ``task.games`` call), and the reward handed to TRL is the set
+   utility R_g = U_g(all K_g candidates). The scored responses (candidates, games) are kept for step 3, so
+   nothing is parsed or scored twice.
 2. TRL computes its own 1-D GRPO advantages, logs and returns the batch (unchanged TRL code).
 3. :meth:`ShapEGRPOTrainer._generate_and_score_completions` (the one overridden TRL hook on the training path)
    replaces ``output["advantages"]`` (B,) with a (B, T) per-token tensor: the credit engine splits each set's
@@ -38,7 +39,7 @@ from trl import GRPOConfig, GRPOTrainer
 from shapegrpo_core.candidates import Candidate
 from shapegrpo_core.checkpoints import COMPLETION_MARKER, write_completion_marker
 from shapegrpo_core.credit import ALLOCATIONS, allocate_credit, group_advantages
-from shapegrpo_core.evaluation import SCORER_ERRORS, ResponseScore, try_score_response
+from shapegrpo_core.evaluation import SCORER_ERRORS, ResponseScore, score_responses, try_score_response
 from shapegrpo_core.shapley import DEFAULT_NUM_PERMUTATIONS, ENGINES, MAX_EXACT_PLAYERS
 from shapegrpo_core.tasks.base import Task
 from shapegrpo_core.tokens import decode_completion, token_advantages
@@ -204,6 +205,12 @@ class SetUtilityReward:
         """One response's score, None when the scorer failed (see ``evaluation.try_score_response``)."""
         return try_score_response(self.task, text, example, self.num_candidates, self.scorer_errors)
 
+    def score_batch(
+        self, texts: Sequence[str], examples: Sequence[Mapping[str, Any]]
+    ) -> list[ResponseScore | None]:
+        """Scores of many responses with one ``task.games`` call (see ``evaluation.score_responses``)."""
+        return score_responses(self.task, texts, examples, self.num_candidates, self.scorer_errors)
+
     def __call__(
         self,
         prompts: Sequence[Any],
@@ -213,11 +220,12 @@ class SetUtilityReward:
     ) -> list[float]:
         columns = {k: v for k, v in kwargs.items() if k not in _TRL_REWARD_KWARGS}
         texts = [completion_text(c) for c in completions]
-        scores = []
-        for i, text in enumerate(texts):
+        examples = []
+        for i in range(len(texts)):
             example = {k: v[i] for k, v in columns.items()}
             example["prompt"] = prompts[i]
-            scores.append(self.score(text, example))
+            examples.append(example)
+        scores = self.score_batch(texts, examples)
         ids = [list(map(int, x)) for x in completion_ids] if completion_ids is not None else []
         pairs = list(zip(texts, scores, strict=True))
         num_parsed = [len(self.task.parse(t)) if s is None else s.num_parsed for t, s in pairs]

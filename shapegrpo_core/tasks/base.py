@@ -36,9 +36,9 @@ class Task(ABC):
     def parse(self, completion: str) -> list[Candidate]:
         """Candidates of one completion, with character spans into ``completion``.
 
-        Never raises on malformed text: returns whatever candidates it finds (possibly zero, possibly more than
-        ``num_candidates``). Callers score only the first ``num_candidates``; extra ones count as a format
-        violation (see :meth:`format_valid`) and their tokens get the set advantage.
+        Never raises on malformed text: returns whatever candidates it finds (possibly zero, possibly more
+        than ``num_candidates``). Callers score only the first ``num_candidates``; extra ones count as a
+        format violation (see :meth:`format_valid`) and their tokens get the set advantage.
         """
 
     @abstractmethod
@@ -47,6 +47,16 @@ class Task(ABC):
 
         With zero candidates the game has zero players and its value is ``u0``.
         """
+
+    def games(self, items: Sequence[tuple[Sequence[Candidate], Mapping[str, Any]]]) -> list[Game]:
+        """The games of many responses, ``items[i] = (candidates, example)``, in order: one per item.
+
+        The trainer and evaluation score a whole batch through this one call, so a task whose scorer has a
+        fixed cost per call (e.g. ``code``: one sandbox worker pool) overrides it to share that cost. This
+        default is the loop over :meth:`game`. If it raises, callers score the items one by one with
+        :meth:`game` to find the failing ones, so an override may raise for the whole batch.
+        """
+        return [self.game(candidates, example) for candidates, example in items]
 
     @abstractmethod
     def demonstrations(self, num: int, seed: int) -> datasets.Dataset:

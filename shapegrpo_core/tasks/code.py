@@ -207,6 +207,27 @@ def signature_lines(prompt: str, entry_point: str) -> str:
 # ---------------------------------------------------------------------------------------------------- task
 
 
+def sandbox_limits(limits: SandboxLimits | Mapping[str, Any] | None) -> SandboxLimits:
+    """``limits`` as :class:`SandboxLimits`: a mapping of its fields (a run config, e.g. ``{"timeout_s": 5}``,
+    which must stay JSON-serialisable to travel in the pipeline's task manifest) or None for the defaults."""
+    if limits is None:
+        return SandboxLimits()
+    if isinstance(limits, SandboxLimits):
+        return limits
+    if not isinstance(limits, Mapping):
+        raise ValueError(
+            f"limits must be a SandboxLimits or a mapping of its fields, got {type(limits).__name__}"
+        )
+    fields = {f.name for f in dataclasses.fields(SandboxLimits)}
+    unknown = set(limits) - fields
+    if unknown:
+        raise ValueError(f"unknown sandbox limits {sorted(unknown)}; known: {sorted(fields)}")
+    values = dict(limits)
+    if "hidden_paths" in values:
+        values["hidden_paths"] = tuple(values["hidden_paths"])
+    return SandboxLimits(**values)
+
+
 class CodeTask(Task):
     """HumanEval with K fenced candidates and an assertion-coverage game (module docstring)."""
 
@@ -218,7 +239,7 @@ class CodeTask(Task):
         problems_path: str | Path | None = None,
         eval_every: int = 5,
         max_problems: int | None = None,
-        limits: SandboxLimits | None = None,
+        limits: SandboxLimits | Mapping[str, Any] | None = None,
         max_workers: int | None = None,
         seed: int = 0,
         cache_size: int = 50_000,
@@ -234,7 +255,7 @@ class CodeTask(Task):
         self.eval_every = eval_every
         self.max_problems = max_problems
         # Hide the data file from candidates (it reads as empty): they could otherwise look the answers up.
-        base = limits or SandboxLimits()
+        base = sandbox_limits(limits)
         hidden = tuple(dict.fromkeys((*base.hidden_paths, str(self.problems_path.resolve()))))
         self.limits = dataclasses.replace(base, hidden_paths=hidden)
         self.max_workers = max_workers
@@ -388,9 +409,10 @@ class CodeTask(Task):
     def vocabulary(self) -> list[str]:
         """Whitespace-separated chunks of every prompt and demonstration completion (sorted, unique).
 
-        The offline word-level tokenizer splits on spaces only, so code round-trips through it only when its
-        chunks are words; newlines and indentation do not survive it (the code task needs a real checkpoint
-        and its tokenizer to learn, DESIGN.md §3). Words that clash with its special tokens are left out.
+        The offline word-level tokenizer splits at spaces, newlines and ``,:;`` (indentation becomes repeated
+        space markers), so prompts and demonstrations round-trip through it; anything else a model writes is
+        ``<unk>`` (the code task needs a real checkpoint and its tokenizer to learn, DESIGN.md §3). Words that
+        clash with its special tokens are left out.
         """
         words: set[str] = set()
         for p in self.problems:
