@@ -83,6 +83,13 @@ class ShapEGRPOConfig(GRPOConfig):
         shapley_seed (`int`, *optional*, defaults to `0`):
             Seed of the Monte-Carlo engine; the engine at global step s uses `shapley_seed + s`, so runs are
             reproducible and successive steps draw fresh permutations.
+        format_penalty (`float`, *optional*, defaults to `0.0`):
+            Subtracted from the set reward R_g of a response that is not format-valid (`task.format_valid`:
+            exactly K distinct, well-formed candidates). Only the first K candidates are scored, so without it
+            extra candidates cost nothing and a policy drifts into emitting more than K. The penalty is a
+            constant shift of that response's game (U' = U − p, so u0' = u0 − p): Shapley values are
+            unchanged, every candidate's rho drops by p, efficiency still holds, and GRPO and ShapE-GRPO see
+            the same set rewards. The `shapegrpo/set_utility` metric stays the unpenalised utility.
         scorer_errors (`str`, *optional*, defaults to `"nan"`):
             What a `ValueError`/`ArithmeticError` raised while scoring one response does: `"nan"` records the
             set utility as NaN (advantage 0, counted in the `shapegrpo/nan_sets` metric, warning logged; a
@@ -126,6 +133,13 @@ class ShapEGRPOConfig(GRPOConfig):
         default=0,
         metadata={"help": "Seed of the Monte-Carlo engine (step s uses shapley_seed + s)."},
     )
+    format_penalty: float = field(
+        default=0.0,
+        metadata={
+            "help": "Subtracted from the set reward of a response that is not format-valid (not exactly K "
+            "distinct candidates). A constant shift of that response's game: phi unchanged, every rho - p."
+        },
+    )
     scorer_errors: str = field(
         default="nan",
         metadata={"help": "A scorer ValueError/ArithmeticError: 'nan' (advantage 0, counted) or 'raise'."},
@@ -149,6 +163,8 @@ class ShapEGRPOConfig(GRPOConfig):
             )
         if self.scorer_errors not in SCORER_ERRORS:
             raise ValueError(f"scorer_errors must be one of {SCORER_ERRORS}, got {self.scorer_errors!r}")
+        if not (math.isfinite(self.format_penalty) and self.format_penalty >= 0.0):
+            raise ValueError(f"format_penalty must be finite and >= 0, got {self.format_penalty}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,7 +197,8 @@ class ScoredBatch:
 
 
 class SetUtilityReward:
-    """TRL reward function: R_g = U_g(first K parsed candidates) of the task's game.
+    """TRL reward function: R_g = U_g(first K parsed candidates) of the task's game, minus ``format_penalty``
+    when the response is not format-valid.
 
     Keeps the scored responses of its latest call (:attr:`last`) so that :class:`ShapEGRPOTrainer` reuses the
     parsed candidates and games instead of scoring again. TRL calls reward functions on the *local* slice of
@@ -191,7 +208,13 @@ class SetUtilityReward:
 
     __name__ = "set_utility"  # TRL names the reward metric after it: rewards/set_utility/mean
 
-    def __init__(self, task: Task, num_candidates: int | None = None, scorer_errors: str = "nan") -> None:
+    def __init__(
+        self,
+        task: Task,
+        num_candidates: int | None = None,
+        scorer_errors: str = "nan",
+        format_penalty: float = 0.0,
+    ) -> None:
         if scorer_errors not in SCORER_ERRORS:
             raise ValueError(f"scorer_errors must be one of {SCORER_ERRORS}, got {scorer_errors!r}")
         self.task = task
@@ -199,6 +222,7 @@ class SetUtilityReward:
         if self.num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates}")
         self.scorer_errors = scorer_errors
+        self.format_penalty = float(format_penalty)
         self.last: ScoredBatch | None = None
 
     def score(self, text: str, example: Mapping[str, Any]) -> ResponseScore | None:
@@ -231,7 +255,10 @@ class SetUtilityReward:
         num_parsed = [len(self.task.parse(t)) if s is None else s.num_parsed for t, s in pairs]
         valid = [self.task.format_valid(t) if s is None else s.format_valid for t, s in pairs]
         self.last = ScoredBatch(ids, texts, scores, num_parsed, valid)
-        return [float("nan") if s is None else s.set_utility for s in scores]
+        return [
+            float("nan") if s is None else s.set_utility - self.format_penalty * (not ok)
+            for s, ok in zip(scores, valid, strict=True)
+        ]
 
     def pop(self) -> ScoredBatch:
         """The cached batch of the latest call, removed so that a stale batch is never reused."""
@@ -252,8 +279,8 @@ class SetUtilityReward:
 class ResponseCredit:
     """What the gathered batch needs of one response (plain lists, so gather_object can pickle it)."""
 
-    set_reward: float  # NaN when the scorer failed
-    u0: float
+    set_reward: float  # NaN when the scorer failed; includes the format penalty
+    u0: float  # shifted by the format penalty, like set_reward and rho
     phi: list[float]  # Shapley (or loo) credit of the scored candidates, length K_g
     rho: list[float]
     shapley_phi: list[float]  # Shapley values for the metrics (== phi unless allocation is "loo")
@@ -263,6 +290,7 @@ class ResponseCredit:
     duplicate_rate: float
     format_valid: bool
     num_parsed: int
+    penalty: float = 0.0  # format penalty subtracted from set_reward, u0 and rho
 
 
 def credit_batch(
@@ -276,9 +304,11 @@ def credit_batch(
     max_exact_players: int = MAX_EXACT_PLAYERS,
     num_parsed: Sequence[int] | None = None,
     format_valid: Sequence[bool] | None = None,
+    format_penalty: float = 0.0,
 ) -> list[ResponseCredit]:
     """Credit for each scored response (None = failed scorer -> NaN set reward, no candidates; its format
-    statistics come from ``num_parsed``/``format_valid`` when given)."""
+    statistics come from ``num_parsed``/``format_valid`` when given). A format-invalid response's game is
+    shifted down by ``format_penalty`` (set reward, u0 and every rho; phi is shift-invariant)."""
     live = [i for i, s in enumerate(scores) if s is not None]
     games = [scores[i].game for i in live]  # type: ignore[union-attr]
     opts = {"engine": engine, "seed": seed, "num_permutations": num_permutations}
@@ -300,12 +330,13 @@ def credit_batch(
             raise RuntimeError(
                 f"credit engine set reward {c.set_reward} != scored set utility {s.set_utility}"
             )
+        penalty = format_penalty * (not s.format_valid)
         out.append(
             ResponseCredit(
-                set_reward=float(s.set_utility),
-                u0=float(c.u0),
+                set_reward=float(s.set_utility) - penalty,
+                u0=float(c.u0) - penalty,
                 phi=[float(x) for x in c.phi],
-                rho=[float(x) for x in c.rho],
+                rho=[float(x) - penalty for x in c.rho],
                 shapley_phi=[float(x) for x in sh.phi],
                 engine=c.engine,
                 candidate_utility=s.candidate_utility,
@@ -313,6 +344,7 @@ def credit_batch(
                 duplicate_rate=s.duplicate_rate,
                 format_valid=s.format_valid,
                 num_parsed=s.num_parsed,
+                penalty=penalty,
             )
         )
     return out
@@ -343,7 +375,7 @@ def credit_metrics(rows: Sequence[ResponseCredit], num_nan_sets: int) -> dict[st
     surplus_phi = [p for r in scored if r.set_reward - r.u0 > FREE_RIDER_TOL for p in r.shapley_phi]
     all_phi = [p for r in scored for p in r.phi]
     metrics = {
-        "set_utility": mean([r.set_reward for r in scored]),
+        "set_utility": mean([r.set_reward + r.penalty for r in scored]),
         "candidate_utility": mean([r.candidate_utility for r in scored]),
         "best_candidate_utility": mean([r.best_candidate_utility for r in scored]),
         "free_rider_rate": mean([float(p <= FREE_RIDER_TOL) for p in surplus_phi]),
@@ -408,7 +440,9 @@ class ShapEGRPOTrainer(GRPOTrainer):
             raise ValueError(f"task must be a shapegrpo_core Task, got {type(task).__name__}")
         self.task = task
         self.num_candidates = task.num_candidates if args.num_candidates is None else args.num_candidates
-        self.set_utility_reward = SetUtilityReward(task, self.num_candidates, args.scorer_errors)
+        self.set_utility_reward = SetUtilityReward(
+            task, self.num_candidates, args.scorer_errors, args.format_penalty
+        )
         if train_dataset is None:
             train_dataset = task.build_dataset("train", args.seed)
         super().__init__(
@@ -452,6 +486,7 @@ class ShapEGRPOTrainer(GRPOTrainer):
             max_exact_players=args.max_exact_players,
             num_parsed=batch.num_parsed,
             format_valid=batch.format_valid,
+            format_penalty=args.format_penalty,
         )
         # Group statistics need every response of a group; groups can straddle processes, so gather them all.
         rows: list[ResponseCredit] = gather_object(local)

@@ -370,6 +370,35 @@ def test_set_utility_reward_reads_chat_completions_and_caches_scores():
     assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "a"}]}]) == "a"
 
 
+def test_format_penalty_shifts_the_game_of_invalid_responses():
+    """A format-invalid response's reward drops by p; its phi is unchanged, every rho drops by p (so the mean
+    of rho is still the penalised R), and the set-utility metric stays unpenalised."""
+    from shapegrpo_core.trainer import credit_batch
+
+    task = tiny_task()
+    row = dict(task.build_dataset("train", 0)[0])
+    columns = {k: [v, v] for k, v in row.items() if k != "prompt"}
+    valid, invalid = " i6, i21, i33, i34", " i6, i21, i33, i34, i40"  # the second has K + 1 candidates
+    reward = SetUtilityReward(task, format_penalty=0.25)
+    values = reward(
+        prompts=[row["prompt"]] * 2, completions=[valid, invalid], completion_ids=[[1], [2]], **columns
+    )
+    utility = task.utility(valid, row)
+    assert values == pytest.approx([utility, utility - 0.25])
+    batch = reward.pop()
+    assert batch.format_valid == [True, False]
+    plain = credit_batch(batch.scores, "shapley", 1.0, format_valid=batch.format_valid)
+    shifted = credit_batch(batch.scores, "shapley", 1.0, format_valid=batch.format_valid, format_penalty=0.25)
+    assert shifted[0] == plain[0]
+    assert shifted[1].phi == pytest.approx(plain[1].phi)
+    assert shifted[1].set_reward == pytest.approx(plain[1].set_reward - 0.25)
+    assert shifted[1].u0 == pytest.approx(plain[1].u0 - 0.25)
+    assert np.mean(shifted[1].rho) == pytest.approx(shifted[1].set_reward)
+    assert credit_metrics(shifted, 0)["set_utility"] == pytest.approx(credit_metrics(plain, 0)["set_utility"])
+    with pytest.raises(ValueError, match="format_penalty"):
+        tiny_config("/tmp/unused", format_penalty=-1.0)
+
+
 def test_free_rider_rate_counts_null_candidates_of_valuable_sets():
     from shapegrpo_core.trainer import ResponseCredit
 
@@ -393,6 +422,7 @@ def test_config_documents_every_new_field():
         "mc_permutations",
         "max_exact_players",
         "shapley_seed",
+        "format_penalty",
         "scorer_errors",
     ):
         assert f"{name} (" in doc, name
