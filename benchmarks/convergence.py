@@ -136,6 +136,7 @@ def run_one(
         max_completion_length=args.max_completion_length,
         temperature=1.0,
         beta=0.0,
+        format_penalty=args.format_penalty,
         save_steps=args.steps,  # one checkpoint at the end: the benchmark does not need resumability
         save_total_limit=1,
         eval_every=args.eval_every,
@@ -179,6 +180,12 @@ def main() -> None:
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--max-completion-length", type=int, default=12)
+    p.add_argument(
+        "--format-penalty",
+        type=float,
+        default=0.1,
+        help="set-reward penalty for a response that is not exactly K distinct items (all methods alike)",
+    )
     p.add_argument("--games", type=str, default=",".join(GAMES))
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/shapegrpo-convergence"))
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -282,7 +289,8 @@ def main() -> None:
         )
     say(
         f"shared hyperparameters (all methods): learning_rate={lr:g}, beta=0, temperature=1.0, "
-        "loss_type=dapo, scale_rewards=group, epsilon=0.2, linear LR decay, AdamW (TRL defaults otherwise)"
+        f"format_penalty={args.format_penalty:g}, loss_type=dapo, scale_rewards=group, epsilon=0.2, "
+        "linear LR decay, AdamW (TRL defaults otherwise)"
     )
     for g in games:
         grpo_curve = {s: float(np.mean(v)) for s, v in by[(g, "grpo")].items()}
