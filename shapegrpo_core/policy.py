@@ -34,6 +34,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from shapegrpo_core.evaluation import generate_completions
 from shapegrpo_core.tasks.base import Task
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -300,64 +301,6 @@ def format_dataset(dataset: Any, tokenizer: PreTrainedTokenizerBase) -> Any:
 # --------------------------------------------------------------------------------------------- sampling
 
 
-@torch.no_grad()
-def sample_completions(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    *,
-    temperature: float = 1.0,
-    max_new_tokens: int = 16,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> list[str]:
-    """One sampled completion per prompt (plain ancestral sampling at ``temperature``: no top-k/top-p),
-    decoded like TRL decodes completions (special tokens skipped). Chat templates are applied when present."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    texts: list[str] = []
-    add_special = True
-    if getattr(tokenizer, "chat_template", None):
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-        add_special = False  # the template already holds any BOS
-    else:
-        texts = list(prompts)
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    completions: list[str] = []
-    try:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=add_special
-            )
-            enc = {k: v.to(device) for k, v in enc.items()}
-            out = model.generate(
-                **enc,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new = out[:, enc["input_ids"].shape[1] :]
-            completions.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-    return completions
-
-
 def format_valid_rate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -373,11 +316,12 @@ def format_valid_rate(
     ``task.format_valid``. ``max_new_tokens`` defaults to the model's generation config (set by
     :func:`warm_start`), else 2K + 4 (enough for K delimited one-token candidates)."""
     pool = list(task.build_dataset(split, seed)["prompt"])
-    prompts = [pool[i % len(pool)] for i in range(num_samples)]
+    prompts = [format_prompt(tokenizer, pool[i % len(pool)]) for i in range(num_samples)]
     max_new = max_new_tokens or model.generation_config.max_new_tokens or 2 * task.num_candidates + 4
-    completions = sample_completions(
-        model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new, seed=seed
+    samples = generate_completions(
+        model, tokenizer, prompts, max_new_tokens=max_new, temperature=temperature, seed=seed
     )
+    completions = [c for per_prompt in samples for c in per_prompt]
     return sum(task.format_valid(c) for c in completions) / max(1, len(completions))
 
 
@@ -404,7 +348,6 @@ __all__ = [
     "load_policy",
     "num_parameters",
     "read_warm_start_info",
-    "sample_completions",
     "warm_start",
     "word_pieces",
     "word_pre_tokenizer",

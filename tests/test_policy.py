@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from shapegrpo_core.evaluation import generate_completions
 from shapegrpo_core.policy import (
     BOS,
     EOS,
@@ -23,7 +24,6 @@ from shapegrpo_core.policy import (
     load_policy,
     num_parameters,
     read_warm_start_info,
-    sample_completions,
     warm_start,
 )
 from shapegrpo_core.tasks.recsys import RecsysTask
@@ -147,7 +147,8 @@ def test_warm_start_trains_saves_and_beats_random_init(task: RecsysTask, warm: P
     assert rate >= 0.3  # ~0.6 measured; the default (longer) warm start reaches > 0.8
 
     # Generation stops on <eos>: sampled completions are short, and decoding keeps the task's layout.
-    completions = sample_completions(model, tok, task.build_dataset("eval", 0)["prompt"][:8], seed=3)
+    prompts = task.build_dataset("eval", 0)["prompt"][:8]
+    completions = [c for (c,) in generate_completions(model, tok, prompts, max_new_tokens=16, seed=3)]
     for c in completions:
         assert len(task.parse(c)) <= 2 * task.num_candidates
         assert EOS not in c and BOS not in c
@@ -169,12 +170,12 @@ def test_warm_start_is_deterministic(task: RecsysTask, warm: Path, tmp_path: Pat
 def test_sampling_is_seeded(task: RecsysTask, warm: Path) -> None:
     model, tok = load_policy(warm)
     prompts = list(task.build_dataset("eval", 0)["prompt"][:6])
-    a = sample_completions(model, tok, prompts, seed=11)
-    b = sample_completions(model, tok, prompts, seed=11)
+    a = generate_completions(model, tok, prompts, max_new_tokens=16, seed=11)
+    b = generate_completions(model, tok, prompts, max_new_tokens=16, seed=11)
     assert a == b and len(a) == 6
-    assert tok.padding_side == "right"  # restored after left-padded generation
-    with pytest.raises(ValueError, match="temperature"):
-        sample_completions(model, tok, prompts, temperature=0.0)
+    assert format_valid_rate(model, tok, task, num_samples=8, seed=5) == format_valid_rate(
+        model, tok, task, num_samples=8, seed=5
+    )
 
 
 # ---------------------------------------------------------------------------------- loading
