@@ -15,6 +15,9 @@ import dagster as dg
 from pydantic import Field
 
 METHODS = ("grpo", "shapegrpo", "loo")
+# Set-reward penalty of a format-invalid response (ShapEGRPOConfig.format_penalty); shared by the training
+# budget and the credits table so the table shows the credit training would assign.
+DEFAULT_FORMAT_PENALTY = 0.1
 # Credit allocation each method trains with (shapegrpo_core.credit.ALLOCATIONS).
 METHOD_ALLOCATION = {"grpo": "uniform", "shapegrpo": "shapley", "loo": "loo"}
 
@@ -68,6 +71,11 @@ class CreditConfig(dg.Config):
     lam: float = Field(default=1.0, description="Mix lambda: 0 = GRPO credit, 1 = pure Shapley/LOO credit.")
     engine: str = Field(default="auto", description="Shapley engine: auto, closed_form, exact, monte_carlo.")
     scale_rewards: str = Field(default="group", description="Advantage scaling: group, batch or none.")
+    format_penalty: float = Field(
+        default=DEFAULT_FORMAT_PENALTY,
+        description="Set-reward penalty for a format-invalid response, as in training (keep it equal to "
+        "fine_tuned_policy's format_penalty); 0 shows the unpenalised credit.",
+    )
     free_rider_tol: float = Field(
         default=1e-9, description="A candidate with phi <= tol in a set with R > u0 is a free rider."
     )
@@ -94,6 +102,12 @@ class TrainConfig(dg.Config):
     temperature: float = 1.0
     beta: float = Field(default=0.0, description="KL coefficient.")
     scale_rewards: str = Field(default="group", description="Advantage scaling: group, batch or none.")
+    format_penalty: float = Field(
+        default=DEFAULT_FORMAT_PENALTY,
+        description="Set-reward penalty for a response that is not format-valid (not exactly K distinct "
+        "candidates), the same for every method; without it extra candidates cost nothing and policies drift "
+        "into emitting more than K.",
+    )
     save_steps: int | None = Field(default=None, description="Checkpoint interval (resume after a crash).")
     eval_every: int | None = Field(
         default=20, description="Held-out evaluation every N steps (learning curves); None = off."
@@ -129,3 +143,8 @@ class ComparisonConfig(dg.Config):
         description="Training-run metrics plotted per step (TRL's mean set reward, held-out set utility).",
     )
     champion_alias: str = "champion"
+    tie_tol: float = Field(
+        default=1e-12,
+        description="Top methods within this of each other on the metric (or all NaN) are a tie: no winner, "
+        "the champion alias stays where it is.",
+    )

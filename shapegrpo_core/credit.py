@@ -35,6 +35,8 @@ from shapegrpo_core.shapley import (
     shapley_values,
 )
 
+# A candidate is a free rider when its Shapley credit is at most this in a set worth more than u0 + this.
+FREE_RIDER_TOL = 1e-9
 ALLOCATIONS = ("uniform", "shapley", "loo")
 SCALE_REWARDS = ("group", "batch", "none")
 TRL_EPSILON = 1e-4  # what TRL adds to the std in GRPOTrainer._generate_and_score_completions

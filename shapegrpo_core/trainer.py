@@ -38,7 +38,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from shapegrpo_core.candidates import Candidate
 from shapegrpo_core.checkpoints import COMPLETION_MARKER, write_completion_marker
-from shapegrpo_core.credit import ALLOCATIONS, allocate_credit, group_advantages
+from shapegrpo_core.credit import ALLOCATIONS, FREE_RIDER_TOL, allocate_credit, group_advantages
 from shapegrpo_core.evaluation import SCORER_ERRORS, ResponseScore, score_responses, try_score_response
 from shapegrpo_core.shapley import DEFAULT_NUM_PERMUTATIONS, ENGINES, MAX_EXACT_PLAYERS
 from shapegrpo_core.tasks.base import Task
@@ -46,8 +46,6 @@ from shapegrpo_core.tokens import decode_completion, token_advantages
 
 logger = logging.getLogger(__name__)
 
-# A candidate is a free rider when its Shapley credit is at most this (it adds nothing to its set).
-FREE_RIDER_TOL = 1e-9
 # Keyword arguments TRL passes to reward functions that are not dataset columns.
 _TRL_REWARD_KWARGS = frozenset({"trainer_state", "log_extra", "log_metric", "environments"})
 METRIC_PREFIX = "shapegrpo"

@@ -9,6 +9,7 @@ from pipeline_fixtures import TINY_TASK, mlflow_resource, resources, tiny_random
 
 from pipelines.assets import all_assets, fine_tuned_policy
 from pipelines.checks import all_checks
+from pipelines.config import CreditConfig
 from pipelines.tracking import TAG_ROOT_RUN, TAG_STAGE, find_runs
 
 UP_TO_CREDITS = ["task_dataset", "base_policy", "candidate_sets", "candidate_utilities", "shapley_credits"]
@@ -60,6 +61,10 @@ def test_chain_materializes_dataset_to_credits(tmp_path) -> None:
         # GRPO (uniform) pays every candidate the set reward.
         real = credits[credits["candidate_index"] >= 0]
         np.testing.assert_allclose(real["rho_uniform"], real["set_reward"])
+        # As in training, a format-invalid response's rewards carry the format penalty (utilities do not).
+        penalty = np.where(credits["format_valid"], 0.0, CreditConfig().format_penalty)
+        np.testing.assert_allclose(credits["set_reward"], credits["set_utility"] - penalty)
+        assert not credits["format_valid"].all()  # a random-init policy: the penalty is exercised
 
         # Metadata a user sees in the UI.
         mat = instance.get_latest_materialization_event(dg.AssetKey("shapley_credits")).asset_materialization

@@ -1,6 +1,6 @@
 """The whole compare_methods chain with configs/smoke.yaml, then the retrain job, against a temporary Dagster
 instance and MLflow store; MLflow then holds every method's runs, per-step metrics, registered versions with
-aliases (champion on the winner) and the comparison artifacts (about 20 s on 2 cores)."""
+aliases (champion on the winner, none on a tie) and the comparison artifacts (about 20 s on 2 cores)."""
 
 from pathlib import Path
 
@@ -8,7 +8,8 @@ import dagster as dg
 import yaml
 from pipeline_fixtures import definitions, mlflow_resource
 
-from pipelines.config import METHODS
+from pipelines.assets.evaluation import NO_WINNER
+from pipelines.config import METHODS, TrainConfig
 from pipelines.tracking import TAG_METHOD, TAG_ROOT_RUN, TAG_STAGE, find_runs
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
@@ -74,6 +75,7 @@ def test_compare_methods_then_retrain(tmp_path) -> None:
     max_steps = run_config["ops"]["fine_tuned_policy"]["config"]["max_steps"]
     for r in by_stage["train"]:  # per-step training metrics, through the TrainerCallback
         assert r.data.params["method"] == r.data.tags[TAG_METHOD]  # the compare view lines methods up
+        assert float(r.data.params["format_penalty"]) == TrainConfig().format_penalty  # same for every method
         for key in ("loss", "reward"):
             steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
             assert sorted(steps) == list(range(1, max_steps + 1)), key
@@ -86,20 +88,30 @@ def test_compare_methods_then_retrain(tmp_path) -> None:
     versions = client.search_model_versions(f"name = '{name}'")
     assert sorted(v.tags["method"] for v in versions) == sorted(["base", *METHODS, *METHODS])  # + retrain
     aliases = client.get_registered_model(name).aliases
-    assert set(aliases) == {"base", "champion", *METHODS}
     winner = comparison["winner"]
-    assert winner in METHODS
     (compare_run,) = by_stage["compare"]
-    assert compare_run.data.tags["winner"] == winner
+    # Smoke-sized policies can tie exactly on eval set utility (3 steps barely move them, and the eval samples
+    # share a seed): then there is no winner and no champion. test_pipeline_comparison covers both outcomes.
+    if winner is None:
+        assert comparison["tied"] and compare_run.data.tags["winner"] == NO_WINNER
+        assert "champion" not in aliases
+    else:
+        assert winner in METHODS and compare_run.data.tags["winner"] == winner
+        assert str(aliases["champion"]) == str(comparison["champion_version"])
+    assert {"base", *METHODS} <= set(aliases) <= {"base", "champion", *METHODS}
     artifacts = {a.path for a in client.list_artifacts(compare_run.info.run_id, "tables")}
     assert {"tables/method_comparison.csv", "tables/method_comparison.parquet"} <= artifacts
     assert "plots/learning_curves.png" in {
         a.path for a in client.list_artifacts(compare_run.info.run_id, "plots")
     }
-    # After retrain the champion points at the retrain run's winner, a version registered by that run.
+    # After retrain the champion (if any) is the retrain run's winner, a version registered by that run.
     retrain_compare = find_runs(mlflow, {TAG_ROOT_RUN: again.run_id, TAG_STAGE: "compare"})[0]
-    champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.tags["method"] == retrain_compare.data.tags["winner"]
-    assert champion.run_id in {
-        r.info.run_id for r in find_runs(mlflow, {TAG_ROOT_RUN: again.run_id, TAG_STAGE: "train"})
-    }
+    retrain_winner = retrain_compare.data.tags["winner"]
+    if retrain_winner != NO_WINNER:
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert champion.tags["method"] == retrain_winner
+        assert champion.run_id in {
+            r.info.run_id for r in find_runs(mlflow, {TAG_ROOT_RUN: again.run_id, TAG_STAGE: "train"})
+        }
+    elif winner is None:
+        assert "champion" not in client.get_registered_model(name).aliases

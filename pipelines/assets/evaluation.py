@@ -19,6 +19,7 @@ from shapegrpo_core import evaluation, policy
 
 CHECK_FINITE = "check_eval_utility_finite"
 CHECK_NOT_WORSE = "check_not_worse_than_base"
+NO_WINNER = "no winner (tie)"
 
 
 def _evaluate(
@@ -151,6 +152,19 @@ def policy_evaluation(
     )
 
 
+def pick_winner(table: pd.DataFrame, metric: str, tol: float) -> tuple[str | None, list[str]]:
+    """(winner, top methods): the method with the highest ``metric``, or None when several are within
+    ``tol`` of the best (a tie) or none has a value; ``top`` lists the methods within ``tol`` of the best
+    (every method when all are NaN). A tie picks no winner rather than whichever row sorts first, so the
+    champion alias only moves on evidence."""
+    values = table.set_index("method")[metric].astype(float)
+    if values.isna().all():
+        return None, list(values.index)
+    best = values.max()
+    top = [str(m) for m, v in values.items() if v >= best - tol]
+    return (top[0] if len(top) == 1 else None), top
+
+
 def _curve(mlflow: MLflowResource, run_id: str, metric: str) -> pd.DataFrame:
     """Per-step history of ``metric`` in a training run (empty when the run never logged it)."""
     history = mlflow.call(mlflow.client().get_metric_history, run_id, metric)
@@ -166,7 +180,8 @@ def _curve(mlflow: MLflowResource, run_id: str, metric: str) -> pd.DataFrame:
         "fine_tuned_policy": dg.AssetIn(metadata={"allow_missing_partitions": True}),
     },
     description="Side-by-side table of the methods (eval metrics read back from MLflow) and their learning "
-    "curves; moves the registered model's champion alias to the method with the highest eval set utility.",
+    "curves; moves the registered model's champion alias to the method with the highest eval set utility "
+    "(on a tie, within tie_tol or all NaN, there is no winner and the alias stays).",
 )
 def method_comparison(
     context: dg.AssetExecutionContext,
@@ -210,16 +225,18 @@ def method_comparison(
     if table[config.metric].isna().all():
         raise ValueError(f"eval runs have no metric {config.metric!r}; choose one of {evaluation.METRICS}")
     table.insert(4, "delta_vs_base", table[config.metric] - table.loc[0, config.metric])
-    scored = table[table["method"] != "base"].dropna(subset=[config.metric])
-    winner = (
-        str(scored.sort_values(config.metric, ascending=False).iloc[0]["method"]) if len(scored) else None
-    )
+    winner, top = pick_winner(table[table["method"] != "base"], config.metric, config.tie_tol)
+    verdict = winner if winner is not None else NO_WINNER
 
     out_dir = storage.run_dir(context, "method_comparison")
     png = figure_png(
         learning_curves(curves, "Learning curves (from MLflow)"), out_dir / "learning_curves.png"
     )
-    (out_dir / "comparison.md").write_text(table.to_markdown(index=False, floatfmt=".4g"))
+    (out_dir / "comparison.md").write_text(
+        table.to_markdown(index=False, floatfmt=".4g")
+        + f"\n\nWinner by {config.metric}: {verdict}"
+        + (f" ({', '.join(top)})\n" if winner is None and top else "\n")
+    )
     champion_version = None
     with stage_run(
         mlflow, context, "compare", params={"metric": config.metric, "methods": ",".join(methods)}
@@ -227,8 +244,8 @@ def method_comparison(
         log_table(mlflow, rid, table, "method_comparison", out_dir)
         log_file(mlflow, rid, out_dir / "learning_curves.png", "plots")
         log_file(mlflow, rid, out_dir / "comparison.md")
-        if winner is not None:
-            mlflow.call(client.set_tag, rid, "winner", winner)
+        mlflow.call(client.set_tag, rid, "winner", verdict)
+        if winner is not None:  # a tie leaves the champion alias where it is
             champion_version = fine_tuned_policy[winner].get("model_version")
             if champion_version is not None:
                 mlflow.call(
@@ -237,10 +254,11 @@ def method_comparison(
                     config.champion_alias,
                     str(champion_version),
                 )
-    context.log.info(f"winner by eval {config.metric}: {winner} (model version {champion_version})")
+    context.log.info(f"winner by eval {config.metric}: {verdict} (model version {champion_version})")
     return dg.Output(
         {
             "winner": winner,
+            "tied": top if winner is None else [],
             "metric": config.metric,
             "champion_alias": config.champion_alias,
             "champion_version": champion_version,
@@ -249,7 +267,8 @@ def method_comparison(
             "root_run_id": root_run_id(context),
         },
         metadata={
-            "winner": str(winner),
+            "winner": verdict,
+            "tied": ", ".join(top) if winner is None else "",
             "champion_version": str(champion_version),
             "comparison": md_preview(
                 table.drop(columns=["train_run_id", "eval_run_id"], errors="ignore"), 20

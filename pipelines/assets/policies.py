@@ -135,6 +135,7 @@ def fine_tuned_policy(
                 temperature=config.temperature,
                 beta=config.beta,
                 scale_rewards=config.scale_rewards,
+                format_penalty=config.format_penalty,
                 save_steps=config.save_steps,
                 eval_every=config.eval_every,
                 eval_num_prompts=config.eval_num_prompts,

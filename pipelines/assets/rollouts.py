@@ -11,7 +11,7 @@ from pipelines.resources import ComputeResource, GenerationResource, MLflowResou
 from pipelines.taskio import load_rows, load_task
 from pipelines.tracking import log_metrics, log_table, stage_run
 from shapegrpo_core import policy
-from shapegrpo_core.evaluation import count_duplicates, try_score_response
+from shapegrpo_core.evaluation import count_duplicates, score_responses
 
 
 @dg.asset(
@@ -101,10 +101,16 @@ def candidate_utilities(
 ) -> dg.Output[pd.DataFrame]:
     task = load_task(task_dataset)
     examples = load_rows(task_dataset, "train", limit=int(candidate_sets["prompt_index"].max()) + 1)
+    # The trainer's scorer, one task.games call for the batch: a response whose scoring fails is a recorded
+    # NaN set utility, not a crash (DESIGN §7).
+    scores = score_responses(
+        task,
+        list(candidate_sets["completion"]),
+        [examples[int(i)] for i in candidate_sets["prompt_index"]],
+        scorer_errors="nan",
+    )
     records = []
-    for _, resp in candidate_sets.iterrows():
-        # The trainer's scorer: a scorer failure is a recorded NaN set utility, not a crash (DESIGN §7).
-        score = try_score_response(task, resp["completion"], examples[int(resp["prompt_index"])])
+    for (_, resp), score in zip(candidate_sets.iterrows(), scores, strict=True):
         base = {
             "prompt_index": int(resp["prompt_index"]),
             "generation": int(resp["generation"]),

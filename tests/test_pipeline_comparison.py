@@ -1,0 +1,113 @@
+"""method_comparison picks the winner by the eval metric read back from MLflow and moves the champion alias;
+a tie (within tie_tol, or every method NaN) picks no winner and leaves the alias where it was. The real asset
+runs on a temporary Dagster instance and MLflow store, fed by stand-in training/eval assets that log real runs
+and register real model versions (no policies are trained)."""
+
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+from pipeline_fixtures import mlflow_resource, resources
+
+from pipelines.assets import method_comparison
+from pipelines.assets.evaluation import NO_WINNER, pick_winner
+from pipelines.config import METHODS
+from pipelines.partitions import ALL_METHODS_TAGS, method_partitions
+from pipelines.resources import MLflowResource
+from pipelines.tracking import TAG_STAGE, find_runs, log_metrics, register_model, stage_run
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("values", "winner", "top"),
+    [
+        ({"grpo": 0.5, "shapegrpo": 0.6, "loo": 0.4}, "shapegrpo", ["shapegrpo"]),
+        ({"grpo": 0.5, "shapegrpo": 0.5 + 1e-14, "loo": 0.4}, None, ["grpo", "shapegrpo"]),
+        ({"grpo": NAN, "shapegrpo": NAN, "loo": NAN}, None, ["grpo", "shapegrpo", "loo"]),
+        ({"grpo": NAN, "shapegrpo": 0.1, "loo": NAN}, "shapegrpo", ["shapegrpo"]),
+    ],
+)
+def test_pick_winner(values: dict[str, float], winner: str | None, top: list[str]) -> None:
+    table = pd.DataFrame({"method": list(values), "set_utility": list(values.values())})
+    assert pick_winner(table, "set_utility", 1e-12) == (winner, top)
+
+
+def _stand_ins(utilities: dict[str, float]) -> list[dg.AssetsDefinition]:
+    """Upstream assets under the real names, logging eval/train runs and registering a version per method."""
+
+    @dg.asset(name="fine_tuned_policy", partitions_def=method_partitions)
+    def trained(context: dg.AssetExecutionContext, mlflow: MLflowResource) -> dict:
+        out = {}
+        for m in context.partition_keys:
+            with stage_run(mlflow, context, "train", method=m) as rid:
+                for step in (1, 2):
+                    log_metrics(mlflow, rid, {"reward": 0.1 * step}, step=step)
+                version = register_model(mlflow, f"runs:/{rid}/policy", rid, method=m)
+            out[m] = {"path": "unused", "mlflow_run_id": rid, "model_version": version}
+        return out
+
+    @dg.asset(name="policy_evaluation", partitions_def=method_partitions)
+    def evaluated(context: dg.AssetExecutionContext, mlflow: MLflowResource) -> dict:
+        with stage_run(mlflow, context, "eval", method="base") as base_rid:
+            log_metrics(mlflow, base_rid, {"set_utility": 0.3})
+        out = {}
+        for m in context.partition_keys:
+            with stage_run(mlflow, context, "eval", method=m) as rid:
+                log_metrics(mlflow, rid, {"set_utility": utilities[m]})
+            out[m] = {"mlflow_run_id": rid, "base_mlflow_run_id": base_rid}
+        return out
+
+    return [trained, evaluated]
+
+
+@pytest.mark.parametrize(
+    ("utilities", "winner", "tied"),
+    [
+        ({"grpo": 0.5, "shapegrpo": 0.7, "loo": 0.6}, "shapegrpo", []),
+        ({"grpo": 0.6, "shapegrpo": 0.6, "loo": 0.5}, None, ["grpo", "shapegrpo"]),
+        ({"grpo": NAN, "shapegrpo": NAN, "loo": NAN}, None, list(METHODS)),
+    ],
+    ids=["winner", "tie", "all_nan"],
+)
+def test_champion_moves_only_on_a_winner(
+    tmp_path, utilities: dict[str, float], winner: str | None, tied: list[str]
+) -> None:
+    mlflow = mlflow_resource(tmp_path)
+    client = mlflow.client()
+    name = mlflow.registered_model_name
+    # A champion from an earlier comparison.
+    earlier = client.create_run(mlflow.experiment_id()).info.run_id
+    previous = register_model(mlflow, f"runs:/{earlier}/policy", earlier, method="earlier")
+    client.set_registered_model_alias(name, "champion", previous)
+
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [*_stand_ins(utilities), method_comparison],
+            resources=resources(tmp_path),
+            tags=ALL_METHODS_TAGS,  # one run covers every method partition, as the jobs do
+            instance=instance,
+        )
+        assert result.success
+        out = result.output_for_node("method_comparison")
+        mat = instance.get_latest_materialization_event(
+            dg.AssetKey("method_comparison")
+        ).asset_materialization
+
+    champion = client.get_model_version_by_alias(name, "champion")
+    (compare_run,) = find_runs(mlflow, {TAG_STAGE: "compare"})
+    report_path = client.download_artifacts(compare_run.info.run_id, "comparison.md", str(tmp_path))
+    report = Path(report_path).read_text()
+    assert out["winner"] == winner and out["tied"] == tied
+    if winner is None:
+        assert str(champion.version) == previous  # the alias stays
+        assert out["champion_version"] is None
+        assert mat.metadata["winner"].value == NO_WINNER
+        assert compare_run.data.tags["winner"] == NO_WINNER
+        assert f"Winner by set_utility: {NO_WINNER} ({', '.join(tied)})" in report
+        assert mat.metadata["tied"].value == ", ".join(tied)
+    else:
+        assert champion.tags["method"] == winner and str(champion.version) == out["champion_version"]
+        assert mat.metadata["winner"].value == winner == compare_run.data.tags["winner"]
+        assert f"Winner by set_utility: {winner}" in report
