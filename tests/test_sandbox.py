@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import replace
@@ -359,16 +361,25 @@ def test_raising_and_non_plain_returns_fail_cleanly():
 
 @needs_root
 def test_hidden_paths_are_unreadable():
-    """The HumanEval data directory (readable by any uid on this machine) disappears when hidden."""
+    """A world-readable file outside the sandbox's private scratch dirs disappears when it (or its folder) is
+    hidden. The file is made here rather than taken from the HumanEval package, because a checkout under /tmp
+    (as CI may use) is already invisible behind the sandbox's private /tmp and the control would fail."""
     if not capabilities().mountns:
         pytest.skip("needs a mount namespace")
-    from shapegrpo_core.tasks.code import humaneval_path
-
-    data = humaneval_path()
-    prog = f"def f(x):\n    return x * x if open({str(data)!r}, 'rb').read(2) == b'\\x1f\\x8b' else -1\n"
-    visible = run_job(SandboxJob(prog, "f", CHECKER, 2), FAST)
-    hidden = run_job(SandboxJob(prog, "f", CHECKER, 2), replace(FAST, hidden_paths=(str(data.parent),)))
-    hidden_file = run_job(SandboxJob(prog, "f", CHECKER, 2), replace(FAST, hidden_paths=(str(data),)))
+    if not os.access("/run", os.W_OK):
+        pytest.skip("needs a writable /run for a file outside the sandbox's scratch dirs")
+    folder = Path(tempfile.mkdtemp(prefix="shapegrpo-hidden-", dir="/run"))
+    try:
+        folder.chmod(0o755)
+        data = folder / "answers.bin"
+        data.write_bytes(b"\x1f\x8bsecret")
+        data.chmod(0o644)
+        prog = f"def f(x):\n    return x * x if open({str(data)!r}, 'rb').read(2) == b'\\x1f\\x8b' else -1\n"
+        visible = run_job(SandboxJob(prog, "f", CHECKER, 2), FAST)
+        hidden = run_job(SandboxJob(prog, "f", CHECKER, 2), replace(FAST, hidden_paths=(str(folder),)))
+        hidden_file = run_job(SandboxJob(prog, "f", CHECKER, 2), replace(FAST, hidden_paths=(str(data),)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     assert visible.passed == (True, True)  # the control: without hiding, the candidate can read it
     assert hidden.passed == (False, False) and hidden_file.passed == (False, False)
 
