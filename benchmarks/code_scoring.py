@@ -26,9 +26,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shapegrpo_core.tasks.code import candidate_program, checker_source, load_problems
 from shapegrpo_core.tasks.sandbox import SandboxJob, SandboxLimits, capabilities, run_jobs
