@@ -10,6 +10,18 @@ import dagster as dg
 from pipelines import build_definitions, build_resources
 from pipelines.resources import MLflowResource, StorageResource
 
+# Every asset of the pipeline, in chain order.
+ASSETS = {
+    "task_dataset",
+    "base_policy",
+    "candidate_sets",
+    "candidate_utilities",
+    "shapley_credits",
+    "fine_tuned_policy",
+    "policy_evaluation",
+    "method_comparison",
+}
+
 # A tiny recsys world: fast to build, small vocabulary.
 TINY_TASK = {
     "task": "recsys",

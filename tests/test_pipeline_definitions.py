@@ -1,22 +1,12 @@
 """The Dagster definitions load and hold every asset, check, job, schedule and sensor."""
 
 import dagster as dg
-from pipeline_fixtures import definitions
+from pipeline_fixtures import ASSETS, definitions
 
 import pipelines
 from pipelines.config import METHODS
 from pipelines.partitions import ALL_METHODS_TAGS
 
-ASSETS = {
-    "task_dataset",
-    "base_policy",
-    "candidate_sets",
-    "candidate_utilities",
-    "shapley_credits",
-    "fine_tuned_policy",
-    "policy_evaluation",
-    "method_comparison",
-}
 CHECKS = {
     ("shapley_credits", "check_efficiency"),
     ("shapley_credits", "check_advantages_finite"),

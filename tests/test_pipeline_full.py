@@ -6,23 +6,13 @@ from pathlib import Path
 
 import dagster as dg
 import yaml
-from pipeline_fixtures import definitions, mlflow_resource
+from pipeline_fixtures import ASSETS, definitions, mlflow_resource
 
 from pipelines.assets.evaluation import NO_WINNER
 from pipelines.config import METHODS, TrainConfig
 from pipelines.tracking import TAG_METHOD, TAG_ROOT_RUN, TAG_STAGE, find_runs
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
-ASSETS = {
-    "task_dataset",
-    "base_policy",
-    "candidate_sets",
-    "candidate_utilities",
-    "shapley_credits",
-    "fine_tuned_policy",
-    "policy_evaluation",
-    "method_comparison",
-}
 
 
 def _materialized(result: dg.ExecuteInProcessResult) -> set[tuple[str, str | None]]:
