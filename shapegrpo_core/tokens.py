@@ -18,6 +18,9 @@ its own text).
 - Fast path, no decoder (e.g. a WordLevel tokenizer, whose decode joins tokens with spaces): the joining
   space belongs to the token after it; if ``clean_up_tokenization_spaces`` then deletes spaces (" ," ->
   ","), the surviving characters are aligned to the joined text.
+- Fast path, a token-by-token decoder (``Metaspace``, as the project's offline word-level tokenizer uses):
+  each token decoded alone, the pieces concatenated (spaces the decoder drops, e.g. a leading one, aligned
+  as above).
 - General fallback, any tokenizer: decode every prefix of the ids (O(T) decodes) and give token i the
   characters that the prefix ending at i adds to the longest common prefix with the decoded completion. Here
   a character split across tokens belongs to the token that completes it.
@@ -137,19 +140,13 @@ def _byte_level_spans(ids: list[int], backend: Any) -> tuple[list[Span], str]:
     return list(zip(start.tolist(), end.tolist(), strict=True)), text
 
 
-def _joined_spans(ids: list[int], backend: Any, reference: str) -> tuple[list[Span], str]:
-    """Spans for a tokenizer without decoder: decode == " ".join(tokens), maybe with spaces cleaned up."""
-    skipped = _skipped_ids(backend)
+def _pieces_to_spans(pieces: list[tuple[int, str]], num_ids: int, reference: str) -> tuple[list[Span], str]:
+    """Spans from (token index, decoded piece) pairs whose concatenation is the decoded text, or that text
+    with some spaces deleted (clean_up_tokenization_spaces, a Metaspace dropping its first space)."""
     owner: list[int] = []  # owner[c] = index of the token that character c of the joined text belongs to
-    parts: list[str] = []
-    for t, i in enumerate(ids):
-        tok = None if i in skipped else backend.id_to_token(i)
-        if tok is None:
-            continue
-        piece = tok if not parts else " " + tok  # the joining space belongs to the token after it
-        parts.append(piece)
+    for t, piece in pieces:
         owner.extend([t] * len(piece))
-    joined = "".join(parts)
+    joined = "".join(piece for _, piece in pieces)
     if joined != reference:
         kept = _deletion_alignment(joined, reference)
         if kept is None:
@@ -157,10 +154,35 @@ def _joined_spans(ids: list[int], backend: Any, reference: str) -> tuple[list[Sp
         owner = [owner[k] for k in kept]
         joined = reference
     owner_arr = np.asarray(owner, dtype=np.int64)  # (n_chars,) non-decreasing
-    idx = np.arange(len(ids))
+    idx = np.arange(num_ids)
     start = np.searchsorted(owner_arr, idx, side="left")
     end = np.searchsorted(owner_arr, idx, side="right")
     return list(zip(start.tolist(), end.tolist(), strict=True)), joined
+
+
+def _joined_spans(ids: list[int], backend: Any, reference: str) -> tuple[list[Span], str]:
+    """Spans for a tokenizer without decoder: decode == " ".join(tokens), maybe with spaces cleaned up."""
+    skipped = _skipped_ids(backend)
+    pieces: list[tuple[int, str]] = []
+    for t, i in enumerate(ids):
+        tok = None if i in skipped else backend.id_to_token(i)
+        if tok is not None:
+            # The joining space belongs to the token after it.
+            pieces.append((t, tok if not pieces else " " + tok))
+    return _pieces_to_spans(pieces, len(ids), reference)
+
+
+def _per_token_spans(ids: list[int], backend: Any, reference: str) -> tuple[list[Span], str]:
+    """Spans for a decoder that works token by token (e.g. Metaspace, as the project's word-level tokenizer
+    uses): decode == the concatenation of each token decoded alone. The caller checks the result."""
+    skipped = _skipped_ids(backend)
+    decode = backend.decoder.decode
+    pieces = [
+        (t, decode([tok]))
+        for t, i in enumerate(ids)
+        if i not in skipped and (tok := backend.id_to_token(i)) is not None
+    ]
+    return _pieces_to_spans(pieces, len(ids), reference)
 
 
 def _deletion_alignment(source: str, target: str) -> list[int] | None:
@@ -247,6 +269,10 @@ def token_spans_and_text(token_ids: Sequence[int], tokenizer: Any) -> tuple[list
             spans = []
     elif backend is not None and decoder is None:
         spans, text = _joined_spans(ids, backend, reference)
+        if text != reference:
+            spans = []
+    elif backend is not None and isinstance(decoder, decoders.Metaspace):
+        spans, text = _per_token_spans(ids, backend, reference)
         if text != reference:
             spans = []
     if (spans or not ids) and _tiles(spans, len(reference)):

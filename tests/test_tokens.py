@@ -368,3 +368,21 @@ def test_corpus_round_trips_through_both_byte_level_tokenizers() -> None:
             ids = encode(tok, text)
             spans, decoded = token_spans_and_text(ids, tok)
             assert decoded == text and _tiles(spans, len(text))
+
+
+def test_metaspace_fast_path_matches_prefix_decoding() -> None:
+    """The project's own word-level tokenizer (a Metaspace decoder) takes the per-token fast path, and its
+    spans equal the general prefix-decoding method's, special tokens and newlines included."""
+    from shapegrpo_core.policy import build_tokenizer
+    from shapegrpo_core.tasks.recsys import RecsysTask
+    from shapegrpo_core.tokens import _per_token_spans, _prefix_decode_spans
+
+    task = RecsysTask(num_items=20, num_genres=4, num_train_users=4, num_eval_users=2)
+    tok = build_tokenizer(task)
+    for text in [" i3, i17, i4, i8", " i5,i9 ;\n i2", "history: i1 i2 -> recommend 4:", ""]:
+        ids = [*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        spans, decoded = token_spans_and_text(ids, tok)
+        assert decoded == tok.decode(ids, skip_special_tokens=True)
+        fast, fast_text = _per_token_spans(ids, tok.backend_tokenizer, decoded)
+        assert fast_text == decoded and fast == spans
+        assert spans == _prefix_decode_spans(ids, tok, decoded)
