@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -461,6 +462,7 @@ class ShapEGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """TRL's batch with ``advantages`` replaced by (B, T) per-token candidate advantages."""
         output = super()._generate_and_score_completions(inputs)
+        start_credit = time.perf_counter()  # what ShapE adds to a GRPO step: credit and token mapping
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         batch = self.set_utility_reward.pop()
@@ -521,6 +523,7 @@ class ShapEGRPOTrainer(GRPOTrainer):
         live = mask.any(axis=1) & np.isfinite(set_reward)
         spreads = [np.std(adv.candidate[i][mask[i]]) for i in np.flatnonzero(live)]
         metrics["within_set_adv_std"] = float(np.mean(spreads)) if spreads else float("nan")
+        metrics["credit_seconds"] = time.perf_counter() - start_credit
         for name, value in metrics.items():
             self._metrics[mode][f"{METRIC_PREFIX}/{name}"].append(value)
         return output
