@@ -236,16 +236,21 @@ def scripted_rollout(completions: Sequence[str]):
     return rollout
 
 
-def test_malformed_completions_train_and_show_in_format_metrics(tmp_path):
-    task = tiny_task()
+def malformed_trainer(task: RecsysTask, output_dir: Any) -> ShapEGRPOTrainer:
+    """A trainer on the tiny warm start whose rollouts are the scripted MALFORMED completions."""
     model, tok = load_policy(tiny_warm_start())
-    trainer = ShapEGRPOTrainer(
+    return ShapEGRPOTrainer(
         model,
         task,
-        args=tiny_config(tmp_path),
+        args=tiny_config(output_dir),
         processing_class=tok,
         rollout_func=scripted_rollout(MALFORMED),
     )
+
+
+def test_malformed_completions_train_and_show_in_format_metrics(tmp_path):
+    task = tiny_task()
+    trainer = malformed_trainer(task, tmp_path)
     trainer.train()
     steps = [h for h in trainer.state.log_history if "loss" in h]
     assert len(steps) == 2
@@ -259,14 +264,7 @@ def test_malformed_completions_train_and_show_in_format_metrics(tmp_path):
 
 def test_malformed_rows_get_the_set_advantage_on_every_token(tmp_path):
     task = tiny_task()
-    model, tok = load_policy(tiny_warm_start())
-    trainer = ShapEGRPOTrainer(
-        model,
-        task,
-        args=tiny_config(tmp_path),
-        processing_class=tok,
-        rollout_func=scripted_rollout(MALFORMED),
-    )
+    trainer = malformed_trainer(task, tmp_path)
     trainer.model.train()
     out = trainer._generate_and_score_completions(_group_inputs(task))
     adv, mask = out["advantages"], out["completion_mask"].bool()
@@ -310,14 +308,7 @@ def _flaky(fail_all: bool = False) -> FlakyScorerTask:
 
 def test_failed_scorer_gives_zero_advantage_and_is_counted(tmp_path):
     task = _flaky()
-    model, tok = load_policy(tiny_warm_start())
-    trainer = ShapEGRPOTrainer(
-        model,
-        task,
-        args=tiny_config(tmp_path),
-        processing_class=tok,
-        rollout_func=scripted_rollout(MALFORMED),
-    )
+    trainer = malformed_trainer(task, tmp_path)
     trainer.model.train()
     out = trainer._generate_and_score_completions(_group_inputs(task))
     assert torch.all(out["advantages"][4] == 0)  # " drama, : , history ->" failed to score
