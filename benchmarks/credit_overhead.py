@@ -24,13 +24,11 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from convergence import WARM_START  # noqa: E402  (this folder is on sys.path: the same warm start)
 
 from shapegrpo_core.policy import warm_start  # noqa: E402
 from shapegrpo_core.tasks.recsys import RecsysTask  # noqa: E402
 from shapegrpo_core.training import METHODS, train_policy  # noqa: E402
-
-WARM_START = {"num_demos": 3000, "epochs": 2.0, "batch_size": 32, "learning_rate": 3e-3}
-TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "seed": 0}
 
 
 def main() -> None:
@@ -43,7 +41,7 @@ def main() -> None:
     games = args.games.split(",")
     policy = args.work_dir / "warm_start"
     if not (policy / "config.json").exists():
-        warm_start(RecsysTask(game=games[0]), policy, **WARM_START, **TINY)
+        warm_start(RecsysTask(game=games[0]), policy, **WARM_START)
     print(f"{'game':12} {'method':10} {'s/step':>8} {'credit s/step':>14} {'share':>7}")
     for game in games:
         task = RecsysTask(game=game)
