@@ -1,4 +1,4 @@
-"""Credit allocation and group-relative advantages (DESIGN.md §2, "Credit allocation" and "Advantages").
+"""Credit allocation and group-relative advantages (docs/method.md, "Credit allocation" and "Advantages").
 
 Candidate reward with mix lambda ∈ [0, 1]:
 
@@ -6,7 +6,9 @@ Candidate reward with mix lambda ∈ [0, 1]:
 
 Efficiency (sum_i phi_{g,i} = R_g − u0_g) makes mean_i rho_{g,i} = R_g for every lambda, so lambda only moves
 credit inside a set. Allocations: "uniform" (rho = R: GRPO), "shapley" (phi = Shapley values), "loo" (phi =
-leave-one-out marginals rescaled to be efficient — an ablation that is blind to redundancy).
+leave-one-out marginals rescaled to be efficient — an ablation that is blind to redundancy), "wta"
+(Winner-Takes-All, the paper's second baseline: the surplus R − u0 goes to the candidate(s) with the best
+standalone utility U({i}), ties split equally, others 0 — efficient too).
 
 Advantages per prompt group of G responses, each response weighted equally whatever its K_g:
 
@@ -37,7 +39,7 @@ from shapegrpo_core.shapley import (
 
 # A candidate is a free rider when its Shapley credit is at most this in a set worth more than u0 + this.
 FREE_RIDER_TOL = 1e-9
-ALLOCATIONS = ("uniform", "shapley", "loo")
+ALLOCATIONS = ("uniform", "shapley", "loo", "wta")
 SCALE_REWARDS = ("group", "batch", "none")
 TRL_EPSILON = 1e-4  # what TRL adds to the std in GRPOTrainer._generate_and_score_completions
 # Tolerance of the efficiency check mean_i rho = R (relative to the scale of the rewards).
@@ -69,6 +71,35 @@ def efficient_loo(
     return np.where(mask, np.where(degenerate[:, None], equal[:, None], m * scale[:, None]), 0.0)
 
 
+def winner_takes_all(game: Game) -> np.ndarray:
+    """Winner-Takes-All credit, (K,) or (B, K): R − u0 split equally among the present players whose
+    standalone utility U({i}) is the highest (ties within 1e-12 relative); others and absent players get 0."""
+    k = game.num_players
+    if k == 0:
+        return np.zeros((*game.batch_shape, 0))
+    singles = np.asarray(game.value(np.eye(k, dtype=bool)), dtype=np.float64)  # (K,) or (B, K)
+    mask = np.asarray(game.mask, dtype=bool)
+    singles = np.where(mask, singles, -np.inf)
+    best = singles.max(axis=-1, keepdims=True)  # (..., 1)
+    winners = mask & (singles >= best - 1e-12 * np.maximum(1.0, np.abs(best)))
+    surplus = np.asarray(game.grand_value, dtype=np.float64) - np.asarray(game.u0, dtype=np.float64)
+    count = np.maximum(winners.sum(axis=-1), 1)
+    return np.where(winners, (surplus / count)[..., None], 0.0)
+
+
+def mix_credit(
+    set_reward: np.ndarray, u0: np.ndarray, phi: np.ndarray, mask: np.ndarray, lam: float
+) -> np.ndarray:
+    """rho (N, S) = (1 − lam) R + lam (u0 + S_g phi), S_g = present slots of the row; NaN where masked.
+
+    ``phi`` must already be efficient (sum over present slots = R − u0), so mean_i rho = R for every lam."""
+    present = np.asarray(mask, dtype=bool)
+    k_eff = present.sum(axis=1)  # (N,)
+    r = np.asarray(set_reward, dtype=np.float64)[:, None]
+    rho = (1.0 - lam) * r + lam * (np.asarray(u0, dtype=np.float64)[:, None] + k_eff[:, None] * phi)
+    return np.where(present, rho, np.nan)
+
+
 def candidate_rewards(
     set_reward: np.ndarray,
     u0: np.ndarray,
@@ -79,9 +110,9 @@ def candidate_rewards(
 ) -> np.ndarray:
     """rho (N, K) from set rewards R (N,), empty-set values u0 (N,), credits phi (N, K) and the mask (N, K).
 
-    ``phi`` holds Shapley values for "shapley" and raw leave-one-out marginals for "loo" (rescaled here);
-    it is ignored for "uniform" (rho = R). rho is NaN where masked and on rows whose set reward is NaN (a
-    failed scorer).
+    ``phi`` holds Shapley values for "shapley", raw leave-one-out marginals for "loo" (rescaled here) and
+    Winner-Takes-All credit for "wta"; it is ignored for "uniform" (rho = R). rho is NaN where masked and on
+    rows whose set reward is NaN (a failed scorer).
     """
     _check_allocation(allocation, lam)
     r = np.asarray(set_reward, dtype=np.float64)
@@ -99,15 +130,12 @@ def candidate_rewards(
     scored = ~np.isnan(r)
     if allocation != "uniform" and not np.isfinite(credit[present & scored[:, None]]).all():
         raise ValueError("phi must be finite for present candidates of scored sets")
-    k_eff = present.sum(axis=1)  # (N,)
     if allocation == "uniform" or lam == 0.0:
-        rho = np.broadcast_to(r[:, None], credit.shape).copy()
+        rho = np.where(present, r[:, None], np.nan)
     else:
         if allocation == "loo":
             credit = efficient_loo(credit, np.where(scored, r, base), base, present)
-        shapley_reward = base[:, None] + k_eff[:, None] * credit  # (N, K): u0 + K_g phi
-        rho = (1.0 - lam) * r[:, None] + lam * shapley_reward
-    rho[~present] = np.nan
+        rho = mix_credit(r, base, credit, present, lam)
     rho[~scored] = np.nan
     return rho
 
@@ -216,9 +244,10 @@ class SetCredit:
 
     set_reward R = U(N); u0 = U(∅);
     phi (K_g,): the credit the allocation uses (Shapley values for "uniform" and "shapley", efficient
-        leave-one-out for "loo"), 0 for absent players;
+        leave-one-out for "loo", Winner-Takes-All for "wta"), 0 for absent players;
     rho (K_g,): candidate rewards, NaN for absent players;
-    engine: "closed_form" | "exact" | "monte_carlo" | "loo";  stderr: Monte-Carlo standard error, else None.
+    engine: "closed_form" | "exact" | "monte_carlo" | "loo" | "wta";
+    stderr: Monte-Carlo standard error, else None.
     """
 
     set_reward: float
@@ -300,6 +329,8 @@ def allocate_credit(
             batch = group_games[0]
         if allocation == "loo":
             credit, used, stderr = leave_one_out(batch), "loo", None
+        elif allocation == "wta":
+            credit, used, stderr = winner_takes_all(batch), "wta", None
         else:
             res = shapley_values(batch, chosen, max_exact_players, num_permutations, seed)
             credit, used, stderr = res.values, res.engine, res.stderr
@@ -309,9 +340,7 @@ def allocate_credit(
         u0 = np.atleast_1d(np.asarray(batch.u0, dtype=np.float64))
         if allocation == "loo":
             credit = efficient_loo(credit, r, u0, mask)
-            rho = candidate_rewards(r, u0, credit, mask, "shapley", lam)  # credit is already efficient
-        else:
-            rho = candidate_rewards(r, u0, credit, mask, allocation, lam)
+        rho = candidate_rewards(r, u0, credit, mask, "uniform" if allocation == "uniform" else "shapley", lam)
         se = None if stderr is None else np.atleast_2d(stderr)
         for row, idx in enumerate(members):
             k = games[idx].num_players

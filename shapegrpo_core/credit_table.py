@@ -1,6 +1,6 @@
 """The credit table: one row per candidate of a batch of scored responses, with its Shapley value, its
 efficient leave-one-out credit, and its candidate reward rho and group-relative advantage under each
-allocation (DESIGN.md §2). On rollouts of one policy it shows what GRPO (uniform), ShapE-GRPO (shapley) and
+allocation (docs/method.md). On rollouts of one policy it shows what GRPO (uniform), ShapE-GRPO (shapley) and
 the LOO ablation would pay each candidate, e.g. that GRPO pays a free rider (phi = 0 in a set worth more
 than u0) the full set reward.
 
@@ -8,37 +8,21 @@ than u0) the full set reward.
     table = credit_table(scores, group_ids, format_penalty=0.1)
     free_rider_stats(table)  # {"free_rider_rate": ..., "free_rider_grpo_reward": ..., ...}
 
-The math lives in :mod:`shapegrpo_core.credit` (``allocate_credit``, ``group_advantages``); this module only
-lays its results out per candidate, so the table applies the formulas the trainer applies.
+The credit is :class:`~shapegrpo_core.batch_credit.BatchCredit`, the object the trainer uses; this module only
+lays several allocations side by side, so the table applies exactly the formulas the trainer applies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from shapegrpo_core.credit import (
-    ALLOCATIONS,
-    FREE_RIDER_TOL,
-    TRL_EPSILON,
-    SetCredit,
-    allocate_credit,
-    group_advantages,
-)
+from shapegrpo_core.batch_credit import NO_CANDIDATE, BatchCredit
+from shapegrpo_core.credit import ALLOCATIONS, FREE_RIDER_TOL, TRL_EPSILON
 from shapegrpo_core.evaluation import ResponseScore
 from shapegrpo_core.shapley import DEFAULT_NUM_PERMUTATIONS
-
-NO_CANDIDATE = -1  # candidate_index of the pseudo-candidate row of a response without candidates
-
-
-def _padded(values: Sequence[np.ndarray], width: int, fill: float) -> np.ndarray:
-    out = np.full((len(values), width), fill)  # (N, K)
-    for row, v in enumerate(values):
-        out[row, : len(v)] = v
-    return out
 
 
 def _group_size(group_ids: np.ndarray) -> int:
@@ -79,7 +63,7 @@ def credit_table(
     candidate_utility (U({i}), unpenalised), phi (Shapley), phi_loo (efficient LOO), and per allocation a:
     rho_a, advantage_a, set_advantage_a.
     A response without candidates is one pseudo-candidate row (index -1, phi 0, rho = R, advantage = the set
-    advantage, utility U(empty)), as group_advantages treats it (DESIGN §2).
+    advantage, utility U(empty)), as group_advantages treats it (docs/method.md).
     """
     groups = np.asarray(group_ids)
     n = len(scores)
@@ -99,68 +83,36 @@ def credit_table(
     elif gens.shape != (n,):
         raise ValueError(f"generations must have one entry per response ({n}), got shape {gens.shape}")
 
-    live = [i for i, s in enumerate(scores) if s is not None]
-    games = [scores[i].game for i in live]  # type: ignore[union-attr]
-    k_g = np.array([s.num_scored if s is not None else 0 for s in scores])  # (N,)
-    width = max(1, int(k_g.max()))
-    mask = np.arange(width)[None, :] < k_g[:, None]  # (N, K)
-    valid = np.array([s.format_valid if s is not None else True for s in scores])  # (N,)
-    penalty = format_penalty * ~valid  # (N,) a constant shift of the game (the trainer's convention)
-    utility = np.full(n, np.nan)  # (N,) unpenalised R, NaN for a failed scorer
-    utility[live] = [scores[i].set_utility for i in live]  # type: ignore[union-attr]
-
-    def per_response(allocation: str) -> list[SetCredit | None]:
-        credit = allocate_credit(
-            games, allocation, lam, engine=engine, seed=seed, num_permutations=num_permutations
+    # One BatchCredit per allocation; phi (Shapley) and phi_loo are always reported.
+    def batch(allocation: str) -> BatchCredit:
+        return BatchCredit.compute(
+            scores,
+            num_generations,
+            allocation=allocation,
+            lam=lam,
+            scale_rewards=scale_rewards,
+            eps=eps,
+            format_penalty=format_penalty,
+            engine=engine,
+            seed=seed,
+            num_permutations=num_permutations,
         )
-        out: list[SetCredit | None] = [None] * n
-        for i, c in zip(live, credit, strict=True):
-            out[i] = c
-        return out
 
-    # phi (Shapley) and phi_loo are always reported; rho and advantages only for the requested allocations.
-    credits = {a: per_response(a) for a in dict.fromkeys([*allocations, "shapley", "loo"])}
-    empty = np.zeros(0)
-    u0 = np.array([c.u0 if c else np.nan for c in credits["shapley"]])  # (N,) unpenalised U(empty)
-    reward = utility - penalty  # (N,)
-    phi = {a: _padded([c.phi if c else empty for c in credits[a]], width, 0.0) for a in ("shapley", "loo")}
-    rho, adv = {}, {}
+    tables = {a: batch(a).table(groups, gens) for a in dict.fromkeys([*allocations, "loo"])}
+    keys = ["prompt_index", "generation", "candidate_index"]
+    first = tables[allocations[0]]
+    out = first.drop(columns=["rho", "advantage", "set_advantage", f"phi_{allocations[0]}"])
+    out["phi_loo"] = tables["loo"]["phi_loo"].to_numpy()
     for a in allocations:
-        rho[a] = _padded([c.rho if c else empty for c in credits[a]], width, np.nan) - penalty[:, None]
-        rho[a][~mask] = np.nan  # (N, K)
-        adv[a] = group_advantages(rho[a], mask, reward, num_generations, scale_rewards=scale_rewards, eps=eps)
-
-    records: list[dict[str, Any]] = []
-    for row in range(n):
-        k = int(k_g[row])
-        score = scores[row]
-        cands = score.candidates if score is not None else ()
-        singles = score.singleton_utilities if score is not None else empty
-        base = {
-            "prompt_index": groups[row].item(),
-            "generation": gens[row].item(),
-            "num_scored": k,
-            "format_valid": bool(valid[row]),
-            "set_utility": float(utility[row]),
-            "set_reward": float(reward[row]),
-            "u0": float(u0[row] - penalty[row]),
-            "shapley_engine": credits["shapley"][row].engine if score is not None else "",
-        }
-        for i in range(k) if k else [NO_CANDIDATE]:
-            real = i != NO_CANDIDATE
-            rec = base | {
-                "candidate_index": i,
-                "candidate": cands[i].text if real else "",
-                "candidate_utility": float(singles[i]) if real else float(u0[row]),
-                "phi": float(phi["shapley"][row, i]) if real else 0.0,
-                "phi_loo": float(phi["loo"][row, i]) if real else 0.0,
-            }
-            for a in allocations:
-                rec[f"rho_{a}"] = float(rho[a][row, i]) if real else base["set_reward"]
-                rec[f"advantage_{a}"] = float(adv[a].candidate[row, i] if real else adv[a].set[row])
-                rec[f"set_advantage_{a}"] = float(adv[a].set[row])
-            records.append(rec)
-    return pd.DataFrame.from_records(records)
+        t = tables[a]
+        if not t[keys].equals(first[keys]):
+            raise RuntimeError(
+                "credit tables of two allocations do not line up"
+            )  # same slots by construction
+        out[f"rho_{a}"] = t["rho"].to_numpy()
+        out[f"advantage_{a}"] = t["advantage"].to_numpy()
+        out[f"set_advantage_{a}"] = t["set_advantage"].to_numpy()
+    return out
 
 
 def free_rider_stats(table: pd.DataFrame, tol: float = FREE_RIDER_TOL) -> dict[str, float]:
@@ -169,6 +121,7 @@ def free_rider_stats(table: pd.DataFrame, tol: float = FREE_RIDER_TOL) -> dict[s
     advantage free riders get under each allocation in the table; the share of groups whose set rewards are
     all equal (no GRPO signal); and the mean |advantage| per allocation."""
     allocations = [a for a in ALLOCATIONS if f"advantage_{a}" in table]
+    nan = float("nan")  # a mean over no free rider is undefined, not 0
     keys = ["prompt_index", "generation"]
     per_set = table.drop_duplicates(keys)
     real = table[table["candidate_index"] != NO_CANDIDATE]
@@ -180,13 +133,13 @@ def free_rider_stats(table: pd.DataFrame, tol: float = FREE_RIDER_TOL) -> dict[s
         "num_nan_sets": int(per_set["set_reward"].isna().sum()),
         "num_candidates": len(real),
         "num_generations": int(per_set.groupby("prompt_index").size().iloc[0]) if len(per_set) else 0,
-        "free_rider_rate": float(len(free) / len(valuable)) if len(valuable) else float("nan"),
+        "free_rider_rate": float(len(free) / len(valuable)) if len(valuable) else nan,
         "tied_group_rate": float(per_set.groupby("prompt_index")["set_reward"].nunique().eq(1).mean()),
     }
     names = {"uniform": "grpo"}  # the method that trains with the allocation
     for a in allocations:
         name = names.get(a, a)
-        stats[f"free_rider_{name}_reward"] = float(free[f"rho_{a}"].mean()) if len(free) else 0.0
-        stats[f"free_rider_{name}_advantage"] = float(free[f"advantage_{a}"].mean()) if len(free) else 0.0
+        stats[f"free_rider_{name}_reward"] = float(free[f"rho_{a}"].mean()) if len(free) else nan
+        stats[f"free_rider_{name}_advantage"] = float(free[f"advantage_{a}"].mean()) if len(free) else nan
         stats[f"mean_abs_advantage_{a}"] = float(real[f"advantage_{a}"].abs().mean())
     return stats

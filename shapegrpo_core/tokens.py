@@ -1,4 +1,4 @@
-"""Map candidate advantages onto generated tokens (DESIGN.md §2 "Tokens").
+"""Map candidate advantages onto generated tokens (docs/method.md, "Tokens").
 
 TRL's GRPOTrainer (1.16, ``_generate``) turns the generated ids into the completion text with
 ``processing_class.batch_decode(completion_ids, skip_special_tokens=True)``, and the task parses *that* text
@@ -29,9 +29,10 @@ Each fast path is checked: its reconstruction must equal ``tokenizer.decode(ids,
 and its spans must tile that text (see :func:`_tiles`), else the fallback is used. Tokens removed by
 decoding (special tokens such as EOS and pad, with ``skip_special_tokens=True``) get an empty span.
 
-:func:`token_advantages` then gives a token the advantage of the one candidate its span overlaps, and the
-set advantage when it overlaps none (preamble, separators, EOS) or several (a BPE token straddling a
-boundary).
+:func:`token_owners` then names, for each token, the one candidate its span overlaps, and -1 when it
+overlaps none (preamble, separators, EOS) or several (a BPE token straddling a boundary);
+``BatchCredit.token_advantages`` turns owners into advantages, and :func:`token_advantages` is the paper's
+plain broadcast (each owned token carries its candidate's advantage, the others the set advantage).
 """
 
 from __future__ import annotations
@@ -304,30 +305,56 @@ def _as_float_array(x: Any, name: str, ndim: int) -> np.ndarray:
     return arr
 
 
-def _row_advantages(
-    spans: np.ndarray, cands: Sequence[Candidate], cand_adv: np.ndarray, set_adv: float
-) -> np.ndarray:
-    """(T,) advantages of one completion's tokens. spans (T, 2); cand_adv (K,) may hold NaN (=> set adv)."""
+def _row_owners(spans: np.ndarray, cands: Sequence[Candidate]) -> np.ndarray:
+    """(T,) index of the one candidate each token's span (T, 2) overlaps, -1 for none or several."""
     num_tokens = spans.shape[0]
-    out = np.full(num_tokens, set_adv, dtype=np.float64)  # (T,)
-    # Candidates that can be overlapped, sorted by start; their advantage (the set's when beyond K or NaN).
-    real = [(c.start, c.end, k) for k, c in enumerate(cands) if c.end > c.start]
+    out = np.full(num_tokens, -1, dtype=np.int64)  # (T,)
+    real = sorted((c.start, c.end, k) for k, c in enumerate(cands) if c.end > c.start)
     if not real or num_tokens == 0:
         return out
-    real.sort()
     c_start = np.array([r[0] for r in real], dtype=np.int64)  # (C,)
     c_end = np.array([r[1] for r in real], dtype=np.int64)  # (C,)
     if (c_start[1:] < c_end[:-1]).any():
         raise ValueError("candidate spans overlap; parse_candidates never returns overlapping candidates")
-    c_adv = np.array([cand_adv[k] if k < len(cand_adv) else np.nan for _, _, k in real])  # (C,)
-    c_adv = np.where(np.isnan(c_adv), set_adv, c_adv)
+    index = np.array([r[2] for r in real], dtype=np.int64)  # (C,)
     t_start, t_end = spans[:, 0], spans[:, 1]  # (T,)
     # Candidates overlapping [s, e) with e > s: those with c_end > s (from lo) and c_start < e (before hi);
     # c_end is sorted too because the spans are disjoint.
     lo = np.searchsorted(c_end, t_start, side="right")  # (T,)
     hi = np.searchsorted(c_start, t_end, side="left")  # (T,)
     one = ((hi - lo) == 1) & (t_end > t_start)  # (T,)
-    out[one] = c_adv[lo[one]]
+    out[one] = index[lo[one]]
+    return out
+
+
+def token_owners(
+    completion_ids: Sequence[Sequence[int]],
+    tokenizer: Any,
+    candidates: Sequence[Sequence[Candidate]],
+    max_len: int | None = None,
+) -> np.ndarray:
+    """(N, T) int64: for each token, the index of the candidate its span overlaps alone, else -1 (also past
+    a completion's length). candidates[n] must be parsed from ``decode_completion(completion_ids[n],
+    tokenizer)``; a candidate that does not match that text raises ValueError."""
+    if len(candidates) != len(completion_ids):
+        raise ValueError(f"{len(completion_ids)} completions but {len(candidates)} candidate lists")
+    id_lists = [_to_id_list(ids) for ids in completion_ids]
+    longest = max((len(ids) for ids in id_lists), default=0)
+    width = longest if max_len is None else max_len
+    if width < longest:
+        raise ValueError(f"max_len={max_len} is shorter than the longest completion ({longest} tokens)")
+    out = np.full((len(id_lists), width), -1, dtype=np.int64)  # (N, T)
+    for n, ids in enumerate(id_lists):
+        if not candidates[n]:
+            continue  # nothing to own: skip decoding altogether
+        spans, text = token_spans_and_text(ids, tokenizer)
+        for c in candidates[n]:
+            if text[c.start : c.end] != c.text:
+                raise ValueError(
+                    f"row {n}: candidate {c.text!r} at [{c.start}, {c.end}) is not in the decoded "
+                    "completion; parse the text from decode_completion(ids, tokenizer)"
+                )
+        out[n, : len(ids)] = _row_owners(np.asarray(spans, dtype=np.int64).reshape(-1, 2), candidates[n])
     return out
 
 
@@ -362,20 +389,13 @@ def token_advantages(
         raise ValueError("set_adv must be finite (a NaN set reward should already have advantage 0)")
     if np.isinf(cand_adv).any():
         raise ValueError("candidate_adv must not contain inf (NaN marks a masked candidate)")
-    id_lists = [_to_id_list(ids) for ids in completion_ids]
-    longest = max((len(ids) for ids in id_lists), default=0)
-    width = longest if max_len is None else max_len
-    if width < longest:
-        raise ValueError(f"max_len={max_len} is shorter than the longest completion ({longest} tokens)")
-    out = np.zeros((n_rows, width), dtype=np.float32)  # (N, T), padding stays 0
-    for n, ids in enumerate(id_lists):
-        spans, text = token_spans_and_text(ids, tokenizer)
-        for c in candidates[n]:
-            if text[c.start : c.end] != c.text:
-                raise ValueError(
-                    f"row {n}: candidate {c.text!r} at [{c.start}, {c.end}) is not in the decoded "
-                    "completion; parse the text from decode_completion(ids, tokenizer)"
-                )
-        span_arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)  # (T_n, 2)
-        out[n, : len(ids)] = _row_advantages(span_arr, candidates[n], cand_adv[n], float(row_adv[n]))
+    owners = token_owners(completion_ids, tokenizer, candidates, max_len)  # (N, T)
+    lengths = np.array([len(_to_id_list(ids)) for ids in completion_ids])
+    inside = np.arange(owners.shape[1])[None, :] < lengths[:, None]  # (N, T)
+    k = cand_adv.shape[1]
+    # Candidates beyond the K columns, or with a NaN advantage (masked), fall back to the set advantage.
+    padded = np.concatenate([cand_adv, np.full((n_rows, 1), np.nan)], axis=1)  # (N, K + 1)
+    picked = padded[np.arange(n_rows)[:, None], np.where((owners >= 0) & (owners < k), owners, k)]
+    out = np.where(np.isnan(picked), row_adv[:, None], picked)
+    out = np.where(inside, out, 0.0).astype(np.float32)  # (N, T), padding stays 0
     return torch.from_numpy(out)

@@ -38,6 +38,7 @@ METHODS: dict[str, tuple[str, float]] = {
     "grpo": ("uniform", 0.0),
     "shapegrpo": ("shapley", 1.0),
     "loo": ("loo", 1.0),
+    "wta": ("wta", 1.0),
 }
 EVAL_PREFIX = "heldout"  # held-out metrics are logged as heldout/set_utility, heldout/candidate_utility, ...
 RESULT_FILE = "train_result.json"
@@ -185,7 +186,8 @@ class TrainResult:
 
 
 def method_settings(method: str) -> tuple[str, float]:
-    """(allocation, lam) of a method name: grpo=(uniform, 0), shapegrpo=(shapley, 1), loo=(loo, 1)."""
+    """(allocation, lam) of a method name: grpo=(uniform, 0), shapegrpo=(shapley, 1), loo=(loo, 1),
+    wta=(wta, 1)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     return METHODS[method]

@@ -195,10 +195,13 @@ def test_set_utility_reward_and_evaluation_score_a_batch_with_one_games_call():
     texts, examples = _summaries(task)
     reward = SetUtilityReward(task)
     columns = {k: [ex[k] for ex in examples] for k in examples[0] if k != "prompt"}
-    values = reward(prompts=[ex["prompt"] for ex in examples], completions=texts, **columns)
+    ids = [[i] for i in range(len(texts))]
+    values = reward(
+        prompts=[ex["prompt"] for ex in examples], completions=texts, completion_ids=ids, **columns
+    )
     assert task.calls == {"games": 1, "game": len(texts)}  # the default games loops over game
     assert values[0] == pytest.approx(try_score_response(task, texts[0], examples[0]).set_utility)
-    assert len(reward.pop().scores) == len(texts)
+    assert len(reward.pop(ids, pad_token_id=0).scores) == len(texts)
     score_completions(task, examples[:2], [texts, texts])
     assert task.calls["games"] == 2
 
@@ -226,7 +229,9 @@ def test_code_games_share_one_sandbox_pool_and_isolate_a_broken_example(tmp_path
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_summarize_end_to_end_with_the_offline_policy(tmp_path):
+@pytest.mark.parametrize("token_weighting", ["length_aware", "broadcast"])
+def test_summarize_end_to_end_with_the_offline_policy(tmp_path, token_weighting):
+    """Multi-token candidates (sentences) train under both token weightings."""
     task = get_task("summarize", num_candidates=2)
     assert_round_trips(task, build_tokenizer(task))
     base = warm_start(
@@ -252,8 +257,10 @@ def test_summarize_end_to_end_with_the_offline_policy(tmp_path):
         eval_every=2,
         eval_num_prompts=2,
         seed=0,
+        token_weighting=token_weighting,
     )
     assert_trained(result, 2)
+    assert result.config["token_weighting"] == token_weighting
     assert [row["step"] for row in result.eval_curve] == [0, 2]
     assert_changed(weights(base), weights(result.final_checkpoint))
     model, tokenizer = load_policy(result.final_checkpoint)

@@ -13,6 +13,7 @@ import torch
 from trainer_fixtures import random_policy, tiny_config, tiny_settings, tiny_task, tiny_warm_start
 from trl import GRPOConfig, GRPOTrainer
 
+from shapegrpo_core.batch_credit import BatchCredit, ResponseCredit, credit_responses
 from shapegrpo_core.candidates import Candidate
 from shapegrpo_core.games import Game
 from shapegrpo_core.policy import load_policy
@@ -23,7 +24,6 @@ from shapegrpo_core.trainer import (
     ShapEGRPOConfig,
     ShapEGRPOTrainer,
     completion_text,
-    credit_metrics,
 )
 
 torch.set_num_threads(1)
@@ -38,6 +38,8 @@ CREDIT_METRICS = (
     "mean_abs_phi",
     "nan_sets",
     "engine/closed_form",
+    "identical_group_rate",
+    "tied_group_rate",
 )
 
 
@@ -66,6 +68,13 @@ def _group_inputs(task: RecsysTask, num_prompts: int = 2, num_generations: int =
         ("shapley_engine", "magic"),
         ("mc_permutations", 0),
         ("scorer_errors", "ignore"),
+        ("token_weighting", "per_char"),
+        ("missing_slots", "fill"),
+        ("loss_type", "vespo"),
+        ("loss_type", "sapo"),
+        ("off_policy_mask_threshold", 0.5),
+        ("multi_objective_aggregation", "normalize_then_sum"),
+        ("reward_weights", [2.0]),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, field, value):
@@ -87,7 +96,7 @@ def test_trainer_rejects_reward_funcs_and_plain_grpo_config(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "shapley", "loo"])
+@pytest.mark.parametrize("allocation", ["uniform", "shapley", "loo", "wta"])
 def test_smoke_each_allocation_trains_and_logs_credit_metrics(tmp_path, allocation):
     task = tiny_task()
     model, tok = load_policy(tiny_warm_start())
@@ -109,7 +118,7 @@ def test_smoke_each_allocation_trains_and_logs_credit_metrics(tmp_path, allocati
         assert math.isfinite(entry[f"{METRIC_PREFIX}/set_utility"])
         assert 0.0 <= entry[f"{METRIC_PREFIX}/format_valid_rate"] <= 1.0
         assert entry[f"{METRIC_PREFIX}/nan_sets"] == 0
-        engine = "loo" if allocation == "loo" else "closed_form"
+        engine = allocation if allocation in ("loo", "wta") else "closed_form"
         assert entry[f"{METRIC_PREFIX}/engine/{engine}"] == 1.0
         # TRL's reward is the set utility, so its reward metric and ours agree.
         assert entry["reward"] == pytest.approx(entry[f"{METRIC_PREFIX}/set_utility"], abs=1e-6)
@@ -176,7 +185,7 @@ def test_hook_lam0_token_advantages_equal_trl_advantages(tmp_path):
     inputs = _group_inputs(task)
     torch.manual_seed(123)
     trl_out = GRPOTrainer._generate_and_score_completions(trainer, [dict(x) for x in inputs])
-    trainer.set_utility_reward.pop()  # TRL called our reward; drop its cache
+    trainer.set_utility_reward.pop(trl_out["completion_ids"].tolist(), tok.pad_token_id)  # drop TRL's call
     torch.manual_seed(123)
     out = trainer._generate_and_score_completions([dict(x) for x in inputs])
 
@@ -353,18 +362,19 @@ def test_set_utility_reward_reads_chat_completions_and_caches_scores():
     )
     assert values[0] == pytest.approx(task.utility(" i6, i21, i33, i34", row))
     assert values[1] == pytest.approx(task.utility(" i6, i6", row))
-    batch = reward.pop()
+    with pytest.raises(RuntimeError, match="never scored"):
+        reward.pop([[1, 0], [3, 0]], pad_token_id=0)  # not the ids it scored
+    batch = reward.pop([[1, 0], [2, 0]], pad_token_id=0)  # the scored ids, right-padded as TRL pads them
     assert [s.num_scored for s in batch.scores] == [4, 2]
     assert batch.scores[1].num_duplicates == 1
-    with pytest.raises(RuntimeError):
-        reward.pop()
+    with pytest.raises(RuntimeError, match="never scored"):
+        reward.pop([[1, 0], [2, 0]], pad_token_id=0)  # popped once: a stale batch is never reused
     assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "a"}]}]) == "a"
 
 
 def test_format_penalty_shifts_the_game_of_invalid_responses():
     """A format-invalid response's reward drops by p; its phi is unchanged, every rho drops by p (so the mean
     of rho is still the penalised R), and the set-utility metric stays unpenalised."""
-    from shapegrpo_core.trainer import credit_batch
 
     task = tiny_task()
     row = dict(task.build_dataset("train", 0)[0])
@@ -376,31 +386,38 @@ def test_format_penalty_shifts_the_game_of_invalid_responses():
     )
     utility = task.utility(valid, row)
     assert values == pytest.approx([utility, utility - 0.25])
-    batch = reward.pop()
+    batch = reward.pop([[1], [2]], pad_token_id=0)
     assert batch.format_valid == [True, False]
-    plain = credit_batch(batch.scores, "shapley", 1.0, format_valid=batch.format_valid)
-    shifted = credit_batch(batch.scores, "shapley", 1.0, format_valid=batch.format_valid, format_penalty=0.25)
-    assert shifted[0] == plain[0]
-    assert shifted[1].phi == pytest.approx(plain[1].phi)
-    assert shifted[1].set_reward == pytest.approx(plain[1].set_reward - 0.25)
-    assert shifted[1].u0 == pytest.approx(plain[1].u0 - 0.25)
-    assert np.mean(shifted[1].rho) == pytest.approx(shifted[1].set_reward)
-    assert credit_metrics(shifted, 0)["set_utility"] == pytest.approx(credit_metrics(plain, 0)["set_utility"])
+
+    def credit(penalty: float) -> BatchCredit:
+        rows = credit_responses(batch.scores, "shapley", format_penalty=penalty)
+        return BatchCredit.from_responses(rows, 2, allocation="shapley", num_slots=4)
+
+    plain, shifted = credit(0.0), credit(0.25)
+    np.testing.assert_allclose(shifted.phi, plain.phi)
+    np.testing.assert_allclose(shifted.set_reward, plain.set_reward - [0.0, 0.25])
+    np.testing.assert_allclose(shifted.u0, plain.u0 - [0.0, 0.25])
+    np.testing.assert_allclose(np.nanmean(shifted.rho, axis=1), shifted.set_reward)
+    assert shifted.metrics()["set_utility"] == pytest.approx(plain.metrics()["set_utility"])
     with pytest.raises(ValueError, match="format_penalty"):
         tiny_config("/tmp/unused", format_penalty=-1.0)
 
 
 def test_free_rider_rate_counts_null_candidates_of_valuable_sets():
-    from shapegrpo_core.trainer import ResponseCredit
-
     def row(reward: float, phi: list[float]) -> ResponseCredit:
-        return ResponseCredit(reward, 0.0, phi, phi, phi, "closed_form", 0.0, reward, 0.0, True, len(phi))
+        k = len(phi)
+        return ResponseCredit(
+            reward, 0.0, 0.0, phi, phi, "closed_form", "closed_form", phi, [""] * k, 0, k, True
+        )
+
+    def metrics(*rows: ResponseCredit) -> dict[str, float]:
+        return BatchCredit.from_responses(rows, len(rows), allocation="shapley", num_slots=4).metrics()
 
     # Set 1 (R = 1): one candidate carries it, three add nothing. Set 2 (R = 0): not counted.
-    metrics = credit_metrics([row(1.0, [1.0, 0.0, 0.0, 0.0]), row(0.0, [0.0, 0.0])], num_nan_sets=0)
-    assert metrics["free_rider_rate"] == pytest.approx(3 / 4)
-    assert metrics["mean_abs_phi"] == pytest.approx(1 / 6)
-    assert np.isnan(credit_metrics([row(0.0, [0.0])], 0)["free_rider_rate"])
+    m = metrics(row(1.0, [1.0, 0.0, 0.0, 0.0]), row(0.0, [0.0, 0.0]))
+    assert m["free_rider_rate"] == pytest.approx(3 / 4)
+    assert m["mean_abs_phi"] == pytest.approx(1 / 6)
+    assert np.isnan(metrics(row(0.0, [0.0]), row(0.0, [0.0]))["free_rider_rate"])
 
 
 def test_config_documents_every_new_field():
@@ -415,6 +432,8 @@ def test_config_documents_every_new_field():
         "shapley_seed",
         "format_penalty",
         "scorer_errors",
+        "token_weighting",
+        "missing_slots",
     ):
         assert f"{name} (" in doc, name
 
@@ -422,7 +441,12 @@ def test_config_documents_every_new_field():
 def test_train_policy_method_table():
     from shapegrpo_core.training import METHODS, method_settings, train_policy
 
-    assert METHODS == {"grpo": ("uniform", 0.0), "shapegrpo": ("shapley", 1.0), "loo": ("loo", 1.0)}
+    assert METHODS == {
+        "grpo": ("uniform", 0.0),
+        "shapegrpo": ("shapley", 1.0),
+        "loo": ("loo", 1.0),
+        "wta": ("wta", 1.0),
+    }
     assert method_settings("loo") == ("loo", 1.0)
     with pytest.raises(ValueError, match="unknown method"):
         train_policy(tiny_task(), "/nonexistent", "/tmp/unused", method="ppo")
