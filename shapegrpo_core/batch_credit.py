@@ -306,9 +306,9 @@ class BatchCredit:
         ok = self.ok
         scored = [r for r, good in zip(rows, ok, strict=True) if good]
         surplus = [p for r in scored if r.set_utility - r.u0 > FREE_RIDER_TOL for p in r.shapley_phi]
-        spread = [
-            np.std(self.advantages.candidate[i][self.mask[i]]) for i in np.flatnonzero(self.mask.any(1))
-        ]
+        has = self.mask.any(axis=1)
+        cand = np.where(self.mask, self.advantages.candidate, np.nan)[has]  # (N', S)
+        spread = np.sqrt(np.nanmean((cand - np.nanmean(cand, axis=1, keepdims=True)) ** 2, axis=1))
         singles = [np.mean(r.singleton_utilities) if r.num_scored else r.u0 for r in scored]
         best = [np.max(r.singleton_utilities) if r.num_scored else r.u0 for r in scored]
         g = self.num_generations

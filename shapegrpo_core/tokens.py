@@ -37,6 +37,8 @@ plain broadcast (each owned token carries its candidate's advantage, the others 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,7 +90,41 @@ def _backend(tokenizer: Any) -> Any:
 
 def _skipped_ids(backend: Any) -> set[int]:
     """Ids the Rust decoder drops with skip_special_tokens=True: added tokens flagged special."""
-    return {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
+    return _vocabulary(backend).skipped
+
+
+class _Vocabulary:
+    """Per-backend memo of what each id decodes to on its own: the token-by-token fast paths look pieces up
+    here instead of asking the Rust tokenizer once per token per row (the trainer maps every step)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend  # held so that id(backend) cannot be reused while the memo lives
+        self.skipped = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
+        self.tokens: dict[int, str | None] = {}
+        self.pieces: dict[int, str | None] = {}
+
+    def token(self, i: int) -> str | None:
+        if i not in self.tokens:
+            self.tokens[i] = None if i in self.skipped else self.backend.id_to_token(i)
+        return self.tokens[i]
+
+    def piece(self, i: int) -> str | None:
+        if i not in self.pieces:
+            tok = self.token(i)
+            self.pieces[i] = None if tok is None else self.backend.decoder.decode([tok])
+        return self.pieces[i]
+
+
+_VOCABULARIES: dict[int, _Vocabulary] = {}
+
+
+def _vocabulary(backend: Any) -> _Vocabulary:
+    vocab = _VOCABULARIES.get(id(backend))
+    if vocab is None or vocab.backend is not backend:
+        if len(_VOCABULARIES) > 8:  # a handful of tokenizers per process; never grow without bound
+            _VOCABULARIES.clear()
+        vocab = _VOCABULARIES[id(backend)] = _Vocabulary(backend)
+    return vocab
 
 
 def _char_start_flags(data: bytes) -> np.ndarray:
@@ -154,19 +190,26 @@ def _pieces_to_spans(pieces: list[tuple[int, str]], num_ids: int, reference: str
             return [], joined  # not a pure deletion of characters: let the caller fall back
         owner = [owner[k] for k in kept]
         joined = reference
-    owner_arr = np.asarray(owner, dtype=np.int64)  # (n_chars,) non-decreasing
-    idx = np.arange(num_ids)
-    start = np.searchsorted(owner_arr, idx, side="left")
-    end = np.searchsorted(owner_arr, idx, side="right")
-    return list(zip(start.tolist(), end.tolist(), strict=True)), joined
+    # owner is non-decreasing: token t spans the characters it owns (empty where it owns none). Plain Python:
+    # completions are short, and this runs for every row of every training step.
+    spans: list[Span] = []
+    pos, n_chars = 0, len(owner)
+    for t in range(num_ids):
+        while pos < n_chars and owner[pos] < t:
+            pos += 1
+        first = pos
+        while pos < n_chars and owner[pos] == t:
+            pos += 1
+        spans.append((first, pos))
+    return spans, joined
 
 
 def _joined_spans(ids: list[int], backend: Any, reference: str) -> tuple[list[Span], str]:
     """Spans for a tokenizer without decoder: decode == " ".join(tokens), maybe with spaces cleaned up."""
-    skipped = _skipped_ids(backend)
+    vocab = _vocabulary(backend)
     pieces: list[tuple[int, str]] = []
     for t, i in enumerate(ids):
-        tok = None if i in skipped else backend.id_to_token(i)
+        tok = vocab.token(i)
         if tok is not None:
             # The joining space belongs to the token after it.
             pieces.append((t, tok if not pieces else " " + tok))
@@ -176,13 +219,8 @@ def _joined_spans(ids: list[int], backend: Any, reference: str) -> tuple[list[Sp
 def _per_token_spans(ids: list[int], backend: Any, reference: str) -> tuple[list[Span], str]:
     """Spans for a decoder that works token by token (e.g. Metaspace, as the project's word-level tokenizer
     uses): decode == the concatenation of each token decoded alone. The caller checks the result."""
-    skipped = _skipped_ids(backend)
-    decode = backend.decoder.decode
-    pieces = [
-        (t, decode([tok]))
-        for t, i in enumerate(ids)
-        if i not in skipped and (tok := backend.id_to_token(i)) is not None
-    ]
+    vocab = _vocabulary(backend)
+    pieces = [(t, piece) for t, i in enumerate(ids) if (piece := vocab.piece(i)) is not None]
     return _pieces_to_spans(pieces, len(ids), reference)
 
 
@@ -241,20 +279,15 @@ def _tiles(spans: Sequence[Span], n_chars: int) -> bool:
     (tokens that decode to nothing) may sit anywhere in bounds: one between the bytes of a split character
     cannot be ordered against both neighbours. An empty text has only empty spans.
     """
-    if not spans:
-        return n_chars == 0
-    arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)  # (T, 2)
-    start, end = arr[:, 0], arr[:, 1]
-    if (start < 0).any() or (end > n_chars).any() or (start > end).any():
+    if any(a < 0 or b > n_chars or a > b for a, b in spans):
         return False
-    nonempty = end > start
-    if not nonempty.any():
+    nonempty = [(a, b) for a, b in spans if b > a]
+    if not nonempty:
         return n_chars == 0
-    s, e = start[nonempty], end[nonempty]
-    if s[0] != 0 or e[-1] != n_chars:
+    if nonempty[0][0] != 0 or nonempty[-1][1] != n_chars:
         return False
-    step = s[1:] - e[:-1]  # 0 (adjacent) or -1 (one shared, split character)
-    return bool(((step == 0) | (step == -1)).all())
+    # Each non-empty span starts at the previous one's end (adjacent) or one before (a split character).
+    return all(b[0] - a[1] in (0, -1) for a, b in itertools.pairwise(nonempty))
 
 
 def token_spans_and_text(token_ids: Sequence[int], tokenizer: Any) -> tuple[list[Span], str]:
@@ -305,25 +338,22 @@ def _as_float_array(x: Any, name: str, ndim: int) -> np.ndarray:
     return arr
 
 
-def _row_owners(spans: np.ndarray, cands: Sequence[Candidate]) -> np.ndarray:
-    """(T,) index of the one candidate each token's span (T, 2) overlaps, -1 for none or several."""
-    num_tokens = spans.shape[0]
-    out = np.full(num_tokens, -1, dtype=np.int64)  # (T,)
+def _row_owners(spans: Sequence[Span], cands: Sequence[Candidate]) -> list[int]:
+    """Index of the one candidate each token's span overlaps, -1 for none or several."""
     real = sorted((c.start, c.end, k) for k, c in enumerate(cands) if c.end > c.start)
-    if not real or num_tokens == 0:
-        return out
-    c_start = np.array([r[0] for r in real], dtype=np.int64)  # (C,)
-    c_end = np.array([r[1] for r in real], dtype=np.int64)  # (C,)
-    if (c_start[1:] < c_end[:-1]).any():
+    c_start = [r[0] for r in real]
+    c_end = [r[1] for r in real]
+    if any(nxt < end for nxt, end in zip(c_start[1:], c_end[:-1], strict=True)):
         raise ValueError("candidate spans overlap; parse_candidates never returns overlapping candidates")
-    index = np.array([r[2] for r in real], dtype=np.int64)  # (C,)
-    t_start, t_end = spans[:, 0], spans[:, 1]  # (T,)
-    # Candidates overlapping [s, e) with e > s: those with c_end > s (from lo) and c_start < e (before hi);
-    # c_end is sorted too because the spans are disjoint.
-    lo = np.searchsorted(c_end, t_start, side="right")  # (T,)
-    hi = np.searchsorted(c_start, t_end, side="left")  # (T,)
-    one = ((hi - lo) == 1) & (t_end > t_start)  # (T,)
-    out[one] = index[lo[one]]
+    out = [-1] * len(spans)
+    if not real:
+        return out
+    for t, (s, e) in enumerate(spans):
+        # Candidates overlapping [s, e), e > s: c_end > s (from lo on) and c_start < e (before hi); c_end is
+        # sorted too because the spans are disjoint.
+        lo = bisect.bisect_right(c_end, s)
+        if e > s and bisect.bisect_left(c_start, e) - lo == 1:
+            out[t] = real[lo][2]
     return out
 
 
@@ -354,7 +384,7 @@ def token_owners(
                     f"row {n}: candidate {c.text!r} at [{c.start}, {c.end}) is not in the decoded "
                     "completion; parse the text from decode_completion(ids, tokenizer)"
                 )
-        out[n, : len(ids)] = _row_owners(np.asarray(spans, dtype=np.int64).reshape(-1, 2), candidates[n])
+        out[n, : len(ids)] = _row_owners(spans, candidates[n])
     return out
 
 
