@@ -102,8 +102,17 @@ def _check_coalitions(coalitions: object, num_players: int) -> np.ndarray:
 
 
 def _readonly(arr: np.ndarray) -> np.ndarray:
-    arr.setflags(write=False)
+    if arr.flags.writeable:
+        arr.setflags(write=False)
     return arr
+
+
+class _Owned(np.ndarray):
+    """A float64 array this module just copied: a game may keep it without a second private copy."""
+
+
+def _owned(arr: np.ndarray) -> _Owned:
+    return arr.view(_Owned)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,24 +137,33 @@ class SumOfMaxGame:
     mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        s = _float_array("scores", self.scores)
+        s = self.scores if isinstance(self.scores, _Owned) else _float_array("scores", self.scores)
+        s = np.asarray(s)
         if s.ndim not in (2, 3):
             raise ValueError(f"scores must have shape (T, K) or (B, T, K), got {s.shape}")
         batch, num_players = s.shape[:-2], s.shape[-1]
-        w = _float_array("weights", np.ones(s.shape[:-1]) if self.weights is None else self.weights)
-        b = _float_array("floors", np.zeros(s.shape[:-1]) if self.floors is None else self.floors)
-        for name, arr in (("weights", w), ("floors", b)):
-            if arr.shape != s.shape[:-1]:
-                raise ValueError(
-                    f"{name} has shape {arr.shape}, expected {s.shape[:-1]} (scores are {s.shape})"
-                )
+        rows = s.shape[:-1]
+        # Defaults are read-only broadcasts (full shape, no memory) whose properties are known without a pass.
+        w = np.broadcast_to(1.0, rows) if self.weights is None else _float_array("weights", self.weights)
+        b = np.broadcast_to(0.0, rows) if self.floors is None else _float_array("floors", self.floors)
+        for name, arr, given in (("weights", w, self.weights), ("floors", b, self.floors)):
+            if given is None:
+                continue
+            if arr.shape != rows:
+                raise ValueError(f"{name} has shape {arr.shape}, expected {rows} (scores are {s.shape})")
             if not np.isfinite(arr).all():
                 raise ValueError(f"{name} must be finite")
-        if (w < 0).any():
+        if self.weights is not None and (w < 0).any():
             raise ValueError("weights must be >= 0 (a negative weight would reward *removing* value)")
-        mask = _mask_array(self.mask, (*batch, num_players))
-        present_scores = s if mask.all() else np.where(mask[..., None, :], s, 0.0)
-        if not np.isfinite(present_scores).all():
+        if self.mask is None:
+            mask, all_present = np.broadcast_to(True, (*batch, num_players)), True
+        else:
+            mask = _mask_array(self.mask, (*batch, num_players))
+            all_present = bool(mask.all())
+        present_scores = s if all_present else np.where(mask[..., None, :], s, 0.0)
+        # min and max propagate NaN and expose inf: two reductions, no temporary array.
+        low, high = (present_scores.min(), present_scores.max()) if present_scores.size else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high)):
             raise ValueError("scores of present candidates must be finite (NaN/inf found)")
         object.__setattr__(self, "scores", _readonly(s))
         object.__setattr__(self, "weights", _readonly(w))
@@ -153,11 +171,15 @@ class SumOfMaxGame:
         object.__setattr__(self, "mask", mask)
         # Flags that let gains() skip whole-array passes in the common case (no floor, unit weights, no
         # padding): the closed form on a batch of best-of-set games is only a few passes over the scores.
-        object.__setattr__(self, "_zero_floors", bool((b == 0).all()))
-        object.__setattr__(self, "_unit_weights", bool((w == 1).all()))
-        object.__setattr__(self, "_all_present", bool(mask.all()))
-        gains_are_scores = self._zero_floors and self._unit_weights and self._all_present
-        object.__setattr__(self, "_gains_are_scores", gains_are_scores and bool((s >= 0).all()))
+        object.__setattr__(self, "_zero_floors", self.floors_given_zero(b, self.floors))
+        object.__setattr__(self, "_unit_weights", self.weights is None or bool((w == 1).all()))
+        object.__setattr__(self, "_all_present", all_present)
+        gains_are_scores = self._zero_floors and self._unit_weights and all_present
+        object.__setattr__(self, "_gains_are_scores", gains_are_scores and bool(low >= 0))
+
+    @staticmethod
+    def floors_given_zero(b: np.ndarray, given: object) -> bool:
+        return given is None or bool((b == 0).all())
 
     # ---- interface -------------------------------------------------------------------------------
 
@@ -240,8 +262,11 @@ def best_of_set(
     u = _float_array("utilities", utilities)
     if u.ndim not in (1, 2):
         raise ValueError(f"utilities must have shape (K,) or (B, K), got {u.shape}")
+    scores = _owned(u[..., None, :])  # the private copy above, not copied again
+    if np.ndim(floor) == 0 and float(floor) == 0.0:
+        return SumOfMaxGame(scores=scores, mask=mask)
     b = _per_row("floor", floor, u.shape[:-1], 0.0)
-    return SumOfMaxGame(scores=u[..., None, :], floors=b[..., None], mask=mask)
+    return SumOfMaxGame(scores=scores, floors=b[..., None], mask=mask)
 
 
 def coverage(

@@ -73,6 +73,11 @@ def _increment_shares(num_players: int) -> np.ndarray:
     return m
 
 
+# Rows are processed in blocks of about this many scores: each block's temporaries (64 KB apiece) stay in
+# cache and are reused, instead of fresh multi-MB arrays whose page faults cost as much as the arithmetic.
+_BLOCK_ELEMENTS = 8_192
+
+
 def shapley_max_games(gains: np.ndarray) -> np.ndarray:
     """Shapley values of R independent max games U(S) = max(0, max_{j∈S} y_j); gains (R, K), y >= 0 -> (R, K).
 
@@ -84,25 +89,34 @@ def shapley_max_games(gains: np.ndarray) -> np.ndarray:
     num_rows, k = gains.shape
     if k == 0 or num_rows == 0:
         return np.zeros((num_rows, k))
-    # Two float buffers, reused: each fresh (R·K,) array costs page faults comparable to the arithmetic.
-    order = np.argsort(gains, axis=1)  # (R, K) ascending
-    order += np.arange(0, num_rows * k, k)[:, None]  # -> flat indices into gains.ravel()
-    flat = order.ravel()
-    sorted_gains = np.take(np.ascontiguousarray(gains).ravel(), flat)  # (R·K,) row after row
-    # Increments v_j − v_{j−1}: one contiguous subtraction over the flat array, then fix each row's first
-    # entry (v_{−1} = 0). Exact differences keep ties and floor players at exactly equal / zero credit.
-    inc = np.empty_like(sorted_gains)
-    np.subtract(sorted_gains[1:], sorted_gains[:-1], out=inc[1:])
-    inc[::k] = sorted_gains[::k]
-    credit_sorted = sorted_gains.reshape(num_rows, k)  # reuse the buffer: the gains are no longer needed
-    if k <= _MATMUL_MAX_PLAYERS:
-        np.matmul(inc.reshape(num_rows, k), _increment_shares(k), out=credit_sorted)
-    else:
-        inc /= np.tile(k - np.arange(k, dtype=np.float64), num_rows)
-        np.cumsum(inc.reshape(num_rows, k), axis=1, out=credit_sorted)
-    phi = inc  # reuse again: scatter back, player order[r, j] gets credit_sorted[r, j]
-    phi[flat] = credit_sorted.ravel()
-    return phi.reshape(num_rows, k)
+    g = np.ascontiguousarray(gains, dtype=np.float64)
+    phi = np.empty((num_rows, k))  # (R, K)
+    rows = min(num_rows, max(1, _BLOCK_ELEMENTS // k))
+    offsets = np.arange(0, rows * k, k)[:, None]  # (rows, 1): row starts in a block's flat layout
+    sorted_buf, inc_buf = np.empty(rows * k), np.empty(rows * k)
+    credit_buf = np.empty((rows, k))
+    shares = _increment_shares(k) if k <= _MATMUL_MAX_PLAYERS else None
+    positions = None if shares is not None else np.tile(k - np.arange(k, dtype=np.float64), rows)
+    for start in range(0, num_rows, rows):
+        n = min(rows, num_rows - start)
+        block = g[start : start + n]  # (n, K)
+        order = np.argsort(block, axis=1)  # (n, K) ascending
+        order += offsets[:n]
+        flat = order.reshape(-1)  # flat indices into the block, row after row
+        v = np.take(block.reshape(-1), flat, out=sorted_buf[: n * k])  # sorted gains
+        # Increments v_j − v_{j−1}, then each row's first entry (v_{−1} = 0). Exact differences keep ties and
+        # floor players at exactly equal / zero credit.
+        inc = inc_buf[: n * k]
+        np.subtract(v[1:], v[:-1], out=inc[1:])
+        inc[::k] = v[::k]
+        credit = credit_buf[:n]  # (n, K) credit of each sorted position
+        if shares is not None:  # small K: the running sum is one small, BLAS-fast matrix product
+            np.matmul(inc.reshape(n, k), shares, out=credit)
+        else:
+            inc /= positions[: n * k]
+            np.cumsum(inc.reshape(n, k), axis=1, out=credit)
+        phi[start : start + n].reshape(-1)[flat] = credit.reshape(-1)  # player order[r, j] gets credit[r, j]
+    return phi
 
 
 def shapley_closed_form(game: SumOfMaxGame) -> np.ndarray:

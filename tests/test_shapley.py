@@ -393,3 +393,21 @@ def test_coalition_matrix_drives_exact_engine():
     # The exact engine reads game.all_values() in bitmask order; check that order against value().
     game = random_choice(np.random.default_rng(1), 4)
     assert np.allclose(game.all_values(), game.value(coalition_matrix(4)))
+
+
+def test_closed_form_spanning_several_blocks_equals_exact_with_ties_masks_and_floors() -> None:
+    """Large batches go through the blocked kernel; every block (and the ragged last one) must be exact."""
+    from shapegrpo_core.shapley import _BLOCK_ELEMENTS
+
+    rng = np.random.default_rng(7)
+    k, t = 5, 2
+    b = 3 * (_BLOCK_ELEMENTS // (k * t)) + 17  # several blocks and a partial one
+    scores = rng.choice([0.0, 0.25, 0.5, 1.0], size=(b, t, k))  # many ties
+    floors = rng.choice([0.0, 0.25], size=(b, t))
+    mask = rng.uniform(size=(b, k)) < 0.8
+    game = SumOfMaxGame(scores, weights=rng.uniform(0, 2, size=(b, t)), floors=floors, mask=mask)
+    phi = shapley_closed_form(game)
+    rows = np.r_[0:40, b - 40 : b]  # the first block and the ragged last one
+    np.testing.assert_allclose(phi[rows], shapley_exact(game.take_batch(rows)), atol=1e-12)
+    np.testing.assert_allclose(phi.sum(axis=1), game.grand_value - game.u0, atol=1e-9)
+    assert (phi[~mask] == 0).all()
