@@ -54,7 +54,7 @@ from shapegrpo_core.tasks.recsys import RecsysTask  # noqa: E402
 from shapegrpo_core.training import train_policy  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("grpo", "shapegrpo", "loo")
+METHODS = ("grpo", "shapegrpo", "loo")  # the committed study's methods; --methods adds wta
 GAMES = ("best_of_set", "coverage")
 TUNING_SEED = 1000
 # Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (beyond: 1.96 is within 2%).
@@ -187,11 +187,17 @@ def main() -> None:
         help="set-reward penalty for a response that is not exactly K distinct items (all methods alike)",
     )
     p.add_argument("--games", type=str, default=",".join(GAMES))
+    p.add_argument(
+        "--methods", type=str, default=",".join(METHODS), help="grpo first, then any of shapegrpo,loo,wta"
+    )
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/shapegrpo-convergence"))
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
     torch.set_num_threads(1)
     games = [g for g in args.games.split(",") if g]
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if not methods or methods[0] != "grpo":
+        p.error("--methods must start with grpo (the reference every ratio is taken against)")
     seeds = list(range(args.seeds))
     args.work_dir.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -235,7 +241,7 @@ def main() -> None:
     timing: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: {"wall": [], "cpu": []})
     for g in games:
         for seed in seeds:
-            for method in METHODS:
+            for method in methods:
                 curve, timer, wall = run_one(
                     tasks[g], policy, args.work_dir / "run", method, seed, lr, args, report_rows
                 )
@@ -309,7 +315,7 @@ def main() -> None:
             f"  {'method':<10} {'steps->90% final':>17} {'ratio':>6} {'steps->90% gain':>16} {'ratio':>6}   "
             f"{'final eval set utility [95% CI]':<34} {'step wall ratio':>15} {'step cpu ratio':>14}"
         )
-        for method in METHODS:
+        for method in methods:
             curve = {s: float(np.mean(v)) for s, v in by[(g, method)].items()}
             reach_level = steps_to_reach(curve, thr_level)
             reach_gain = steps_to_reach(curve, thr_gain)
@@ -327,20 +333,22 @@ def main() -> None:
         say(f"  (GRPO step: {grpo_step:.3f} s wall, {np.mean(timing[(g, 'grpo')]['cpu']):.3f} s CPU)")
     say()
     say(f"total wall-clock: {(time.perf_counter() - t0) / 60:.1f} min; results in {csv_path}")
-    plot(rows, games, args.results / "convergence.png", lr)
+    plot(rows, games, methods, args.results / "convergence.png", lr)
     (args.results / "convergence_summary.txt").write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict[str, Any]], games: list[str], path: Path, lr: float) -> None:
+def plot(
+    rows: list[dict[str, Any]], games: list[str], methods: tuple[str, ...], path: Path, lr: float
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"grpo": "tab:gray", "shapegrpo": "tab:blue", "loo": "tab:orange"}
+    colors = {"grpo": "tab:gray", "shapegrpo": "tab:blue", "loo": "tab:orange", "wta": "tab:green"}
     fig, axes = plt.subplots(1, len(games), figsize=(6 * len(games), 4.2), squeeze=False)
     for ax, g in zip(axes[0], games, strict=True):
-        for method in METHODS:
+        for method in methods:
             per_step: dict[int, list[float]] = defaultdict(list)
             for r in rows:
                 if r["game"] == g and r["method"] == method:
@@ -357,7 +365,7 @@ def plot(rows: list[dict[str, Any]], games: list[str], path: Path, lr: float) ->
         ax.set_ylabel("held-out eval set utility")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("GRPO vs ShapE-GRPO vs leave-one-out credit: mean and 95% interval across seeds")
+    fig.suptitle(f"{' vs '.join(methods)}: mean and 95% interval across seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

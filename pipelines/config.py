@@ -14,12 +14,12 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-METHODS = ("grpo", "shapegrpo", "loo")
+METHODS = ("grpo", "shapegrpo", "loo", "wta")
 # Set-reward penalty of a format-invalid response (ShapEGRPOConfig.format_penalty); shared by the training
 # budget and the credits table so the table shows the credit training would assign.
 DEFAULT_FORMAT_PENALTY = 0.1
 # Credit allocation each method trains with (shapegrpo_core.credit.ALLOCATIONS).
-METHOD_ALLOCATION = {"grpo": "uniform", "shapegrpo": "shapley", "loo": "loo"}
+METHOD_ALLOCATION = {"grpo": "uniform", "shapegrpo": "shapley", "loo": "loo", "wta": "wta"}
 
 
 class TaskDatasetConfig(dg.Config):

@@ -1,4 +1,4 @@
-"""Parse a completion into candidates with character spans (DESIGN.md §2 "Tokens", §7).
+"""Parse a completion into candidates with character spans (docs/method.md, "Tokens").
 
 A completion answers one prompt with a *set* of candidates. The trainer needs, for each candidate, its text
 (to score it) and its exact character span in the completion (to give the tokens of that span the

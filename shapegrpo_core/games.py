@@ -1,4 +1,4 @@
-"""Cooperative games over a set of K candidates (DESIGN.md §2).
+"""Cooperative games over a set of K candidates (docs/method.md).
 
 A game is a set function U(S) for S ⊆ {0..K-1}: the set-level utility of showing the candidates in S.
 Three kinds:

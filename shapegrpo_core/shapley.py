@@ -1,4 +1,4 @@
-"""Shapley values of candidate-set games (DESIGN.md §2): closed form, exact enumeration, Monte Carlo.
+"""Shapley values of candidate-set games (docs/method.md): closed form, exact enumeration, Monte Carlo.
 
 phi_i = sum_{S ⊆ N∖{i}} |S|!(K−|S|−1)!/K! · (U(S∪{i}) − U(S)).
 

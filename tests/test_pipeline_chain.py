@@ -11,6 +11,7 @@ from pipelines.assets import all_assets, fine_tuned_policy
 from pipelines.checks import all_checks
 from pipelines.config import CreditConfig
 from pipelines.tracking import TAG_ROOT_RUN, TAG_STAGE, find_runs
+from shapegrpo_core.credit import ALLOCATIONS
 
 UP_TO_CREDITS = ["task_dataset", "base_policy", "candidate_sets", "candidate_utilities", "shapley_credits"]
 
@@ -103,7 +104,7 @@ def _credits_table(corruption: str) -> pd.DataFrame:
                 "phi": phi,
                 "phi_loo": phi,
             }
-            for a in ("uniform", "shapley", "loo"):
+            for a in ALLOCATIONS:
                 row |= {f"rho_{a}": r, f"advantage_{a}": 0.1, f"set_advantage_{a}": 0.1}
             rows.append(row)
     df = pd.DataFrame(rows)

@@ -102,7 +102,7 @@ def candidate_utilities(
     task = load_task(task_dataset)
     examples = load_rows(task_dataset, "train", limit=int(candidate_sets["prompt_index"].max()) + 1)
     # The trainer's scorer, one task.games call for the batch: a response whose scoring fails is a recorded
-    # NaN set utility, not a crash (DESIGN §7).
+    # NaN set utility, not a crash (docs/method.md, "Advantages").
     scores = score_responses(
         task,
         list(candidate_sets["completion"]),

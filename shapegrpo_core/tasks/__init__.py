@@ -1,4 +1,4 @@
-"""Task registry: ``get_task("recsys", num_candidates=4)`` builds a task by name (DESIGN.md §3)."""
+"""Task registry: ``get_task("recsys", num_candidates=4)`` builds a task by name (docs/tasks.md)."""
 
 from __future__ import annotations
 

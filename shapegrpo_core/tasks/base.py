@@ -1,7 +1,7 @@
 """The task interface: what a task must provide so that the trainer, evaluation and the pipeline can use it.
 
 A task turns a prompt into a dataset row, a completion into candidates with character spans, and candidates
-into a cooperative game whose value is the set-level utility (DESIGN.md §3).
+into a cooperative game whose value is the set-level utility (docs/tasks.md).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Two layouts are understood (no download: the user points at a folder they alread
   ``|``-separated ``id|title|release|video release|url|<19 binary genre flags>`` in latin-1; the genre names
   come from ``u.genre`` when present, else the standard ml-100k list.
 
-Relevance comes from held-out ratings (DESIGN.md §3): per user, ratings sorted by time, the last ``holdout``
+Relevance comes from held-out ratings (docs/tasks.md): per user, ratings sorted by time, the last ``holdout``
 ratings are held out and every earlier rating is history. The relevance of a held-out item is rating / 5;
 every other item has relevance 0 (the user was not observed to like it, so recommending it earns nothing).
 """

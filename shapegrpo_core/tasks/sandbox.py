@@ -1,4 +1,4 @@
-"""Run untrusted candidate code against trusted checks, isolated (DESIGN.md §3 ``code``, §7 hostile code).
+"""Run untrusted candidate code against trusted checks, isolated (docs/sandbox.md).
 
 Threat model. A candidate is code written by the policy being trained. It may be broken, slow or hostile:
 fork bombs, daemons that outlive it, loops that ignore signals, memory bombs, unbounded output, reads from
