@@ -143,8 +143,11 @@ class ComparisonConfig(dg.Config):
         description="Training-run metrics plotted per step (TRL's mean set reward, held-out set utility).",
     )
     champion_alias: str = "champion"
-    tie_tol: float = Field(
-        default=1e-12,
-        description="Top methods within this of each other on the metric (or all NaN) are a tie: no winner, "
-        "the champion alias stays where it is.",
+    confidence: float = Field(
+        default=0.95,
+        gt=0.5,
+        lt=1.0,
+        description="Level of the paired bootstrap CI of the best method against each other method; the "
+        "champion alias moves only when every such CI lies above 0 (else: no significant winner).",
     )
+    seed: int = Field(default=0, description="Seed of the paired bootstrap.")
