@@ -113,6 +113,12 @@ class TrainConfig(dg.Config):
         default=20, description="Held-out evaluation every N steps (learning curves); None = off."
     )
     eval_num_prompts: int = 32
+    eval_num_samples: int = Field(
+        default=4,
+        ge=1,
+        description="Samples per held-out prompt at each in-training evaluation: 32 prompts x 4 samples "
+        "give each held-out point an interval, drawn as the curve band in the comparison plot.",
+    )
     logging_steps: int = 1
     seed: int = 0
     training_options: dict[str, Any] = Field(

@@ -12,7 +12,7 @@ import pytest
 from pipeline_fixtures import mlflow_resource, resources
 
 from pipelines.assets import method_comparison
-from pipelines.assets.evaluation import NO_WINNER, paired_units
+from pipelines.assets.evaluation import NO_WINNER, _curve, paired_units
 from pipelines.config import METHODS
 from pipelines.partitions import ALL_METHODS_TAGS, method_partitions
 from pipelines.resources import MLflowResource
@@ -47,6 +47,8 @@ def _stand_ins(utilities: dict[str, float], noise: float) -> list[dg.AssetsDefin
             with stage_run(mlflow, context, "train", method=m) as rid:
                 for step in (1, 2):
                     log_metrics(mlflow, rid, {"reward": 0.1 * step}, step=step)
+                    held = {"heldout/set_utility": 0.2, "heldout/set_utility_low": 0.1}
+                    log_metrics(mlflow, rid, held | {"heldout/set_utility_high": 0.3}, step=step)
                 version = register_model(mlflow, f"runs:/{rid}/policy", rid, method=m)
             out[m] = {"path": "unused", "mlflow_run_id": rid, "model_version": version}
         return out
@@ -105,6 +107,9 @@ def test_champion_moves_only_on_a_winner(
         ).asset_materialization
 
     champion = client.get_model_version_by_alias(name, "champion")
+    # The held-out curve carries its interval, which the learning-curve plot draws as a band.
+    band = _curve(mlflow, out["table"][1]["train_run_id"], "heldout/set_utility")
+    assert band[["low", "high"]].to_numpy().tolist() == [[0.1, 0.3], [0.1, 0.3]]
     (compare_run,) = find_runs(mlflow, {TAG_STAGE: "compare"})
     report_path = client.download_artifacts(compare_run.info.run_id, "comparison.md", str(tmp_path))
     report = Path(report_path).read_text()

@@ -176,11 +176,22 @@ def policy_evaluation(
     )
 
 
-def _curve(mlflow: MLflowResource, run_id: str, metric: str) -> pd.DataFrame:
-    """Per-step history of ``metric`` in a training run (empty when the run never logged it)."""
+def _history(mlflow: MLflowResource, run_id: str, metric: str) -> pd.DataFrame:
     history = mlflow.call(mlflow.client().get_metric_history, run_id, metric)
     df = pd.DataFrame([{"step": m.step, "value": m.value} for m in history], columns=["step", "value"])
     return df.sort_values("step").drop_duplicates("step", keep="last")  # a resumed step keeps its last value
+
+
+def _curve(mlflow: MLflowResource, run_id: str, metric: str) -> pd.DataFrame:
+    """Per-step history of ``metric`` in a training run (empty when the run never logged it), with its
+    ``low``/``high`` interval bounds when the run logged ``<metric>_low``/``_high`` at the same steps."""
+    df = _history(mlflow, run_id, metric)
+    bounds = [
+        _history(mlflow, run_id, f"{metric}_{side}").set_index("step")["value"] for side in ("low", "high")
+    ]
+    if len(df) and all(len(b) for b in bounds):
+        df = df.assign(low=df["step"].map(bounds[0]), high=df["step"].map(bounds[1]))
+    return df
 
 
 @dg.asset(
