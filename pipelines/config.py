@@ -14,12 +14,13 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-METHODS = ("grpo", "shapegrpo", "loo")
 # Set-reward penalty of a format-invalid response (ShapEGRPOConfig.format_penalty); shared by the training
 # budget and the credits table so the table shows the credit training would assign.
 DEFAULT_FORMAT_PENALTY = 0.1
-# Credit allocation each method trains with (shapegrpo_core.credit.ALLOCATIONS).
-METHOD_ALLOCATION = {"grpo": "uniform", "shapegrpo": "shapley", "loo": "loo"}
+# Credit allocation each method trains with (shapegrpo_core.credit.ALLOCATIONS); the same table as
+# shapegrpo_core.training.METHODS (a test keeps them equal) without importing torch at definition load.
+METHOD_ALLOCATION = {"grpo": "uniform", "shapegrpo": "shapley", "loo": "loo", "wta": "wta"}
+METHODS = tuple(METHOD_ALLOCATION)
 
 
 class TaskDatasetConfig(dg.Config):
