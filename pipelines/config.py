@@ -14,12 +14,13 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-METHODS = ("grpo", "shapegrpo", "loo", "wta")
 # Set-reward penalty of a format-invalid response (ShapEGRPOConfig.format_penalty); shared by the training
 # budget and the credits table so the table shows the credit training would assign.
 DEFAULT_FORMAT_PENALTY = 0.1
-# Credit allocation each method trains with (shapegrpo_core.credit.ALLOCATIONS).
+# Credit allocation each method trains with (shapegrpo_core.credit.ALLOCATIONS); the same table as
+# shapegrpo_core.training.METHODS (a test keeps them equal) without importing torch at definition load.
 METHOD_ALLOCATION = {"grpo": "uniform", "shapegrpo": "shapley", "loo": "loo", "wta": "wta"}
+METHODS = tuple(METHOD_ALLOCATION)
 
 
 class TaskDatasetConfig(dg.Config):
@@ -113,6 +114,12 @@ class TrainConfig(dg.Config):
         default=20, description="Held-out evaluation every N steps (learning curves); None = off."
     )
     eval_num_prompts: int = 32
+    eval_num_samples: int = Field(
+        default=4,
+        ge=1,
+        description="Samples per held-out prompt at each in-training evaluation: 32 prompts x 4 samples "
+        "give each held-out point an interval, drawn as the curve band in the comparison plot.",
+    )
     logging_steps: int = 1
     seed: int = 0
     training_options: dict[str, Any] = Field(
@@ -143,8 +150,11 @@ class ComparisonConfig(dg.Config):
         description="Training-run metrics plotted per step (TRL's mean set reward, held-out set utility).",
     )
     champion_alias: str = "champion"
-    tie_tol: float = Field(
-        default=1e-12,
-        description="Top methods within this of each other on the metric (or all NaN) are a tie: no winner, "
-        "the champion alias stays where it is.",
+    confidence: float = Field(
+        default=0.95,
+        gt=0.5,
+        lt=1.0,
+        description="Level of the paired bootstrap CI of the best method against each other method; the "
+        "champion alias moves only when every such CI lies above 0 (else: no significant winner).",
     )
+    seed: int = Field(default=0, description="Seed of the paired bootstrap.")

@@ -61,13 +61,16 @@ def histogram(series: Mapping[str, Sequence[float]], title: str, xlabel: str, bi
 
 
 def learning_curves(curves: Mapping[str, Mapping[str, pd.DataFrame]], title: str) -> Any:
-    """A panel per metric, a line per method: ``curves[metric][method]`` has columns ``step``, ``value``."""
+    """A panel per metric, a line per method: ``curves[metric][method]`` has columns ``step``, ``value`` and,
+    where the metric carries an interval (held-out evaluations), ``low``/``high``, drawn as a shaded band."""
     metrics = list(curves) or ["(no metric)"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for method, df in curves.get(metric, {}).items():
             if len(df):
-                ax.plot(df["step"], df["value"], marker="o", markersize=2, label=method)
+                (line,) = ax.plot(df["step"], df["value"], marker="o", markersize=2, label=method)
+                if {"low", "high"} <= set(df.columns) and df[["low", "high"]].notna().all(axis=None):
+                    ax.fill_between(df["step"], df["low"], df["high"], color=line.get_color(), alpha=0.2)
         ax.set_title(metric)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)

@@ -1,17 +1,18 @@
-"""method_comparison picks the winner by the eval metric read back from MLflow and moves the champion alias;
-a tie (within tie_tol, or every method NaN) picks no winner and leaves the alias where it was. The real asset
+"""method_comparison moves the champion alias only when the best method's paired CI (over shared eval units)
+against every other method excludes 0; overlapping intervals or all-NaN scores give "no significant winner"
+and leave the alias where it was. The real asset
 runs on a temporary Dagster instance and MLflow store, fed by stand-in training/eval assets that log real runs
 and register real model versions (no policies are trained)."""
 
 from pathlib import Path
 
 import dagster as dg
-import pandas as pd
+import numpy as np
 import pytest
 from pipeline_fixtures import mlflow_resource, resources
 
 from pipelines.assets import method_comparison
-from pipelines.assets.evaluation import NO_WINNER, pick_winner
+from pipelines.assets.evaluation import NO_WINNER, _curve, paired_units
 from pipelines.config import METHODS
 from pipelines.partitions import ALL_METHODS_TAGS, method_partitions
 from pipelines.resources import MLflowResource
@@ -20,21 +21,23 @@ from pipelines.tracking import TAG_STAGE, find_runs, log_metrics, register_model
 NAN = float("nan")
 
 
-@pytest.mark.parametrize(
-    ("values", "winner", "top"),
-    [
-        ({"grpo": 0.5, "shapegrpo": 0.6, "loo": 0.4}, "shapegrpo", ["shapegrpo"]),
-        ({"grpo": 0.5, "shapegrpo": 0.5 + 1e-14, "loo": 0.4}, None, ["grpo", "shapegrpo"]),
-        ({"grpo": NAN, "shapegrpo": NAN, "loo": NAN}, None, ["grpo", "shapegrpo", "loo"]),
-        ({"grpo": NAN, "shapegrpo": 0.1, "loo": NAN}, "shapegrpo", ["shapegrpo"]),
-    ],
-)
-def test_pick_winner(values: dict[str, float], winner: str | None, top: list[str]) -> None:
-    table = pd.DataFrame({"method": list(values), "set_utility": list(values.values())})
-    assert pick_winner(table, "set_utility", 1e-12) == (winner, top)
+def test_paired_units_drop_a_unit_that_failed_for_any_method() -> None:
+    units = {"grpo": {"0:0": 0.1, "0:1": NAN, "1:0": 0.3}, "loo": {"0:0": 0.2, "0:1": 0.5, "1:0": NAN}}
+    assert paired_units(units) == {"grpo": [0.1], "loo": [0.2]}
 
 
-def _stand_ins(utilities: dict[str, float]) -> list[dg.AssetsDefinition]:
+def _units(utilities: dict[str, float], noise: float) -> dict[str, dict[str, float]]:
+    """40 eval units per method: a shared per-unit difficulty (common random numbers) plus the method's level
+    and independent noise of size ``noise``."""
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(0, 0.3, 40)
+    return {
+        m: {f"{i}:0": u + d + noise * rng.normal() for i, d in enumerate(difficulty)}
+        for m, u in utilities.items()
+    }
+
+
+def _stand_ins(utilities: dict[str, float], noise: float) -> list[dg.AssetsDefinition]:
     """Upstream assets under the real names, logging eval/train runs and registering a version per method."""
 
     @dg.asset(name="fine_tuned_policy", partitions_def=method_partitions)
@@ -44,6 +47,8 @@ def _stand_ins(utilities: dict[str, float]) -> list[dg.AssetsDefinition]:
             with stage_run(mlflow, context, "train", method=m) as rid:
                 for step in (1, 2):
                     log_metrics(mlflow, rid, {"reward": 0.1 * step}, step=step)
+                    held = {"heldout/set_utility": 0.2, "heldout/set_utility_low": 0.1}
+                    log_metrics(mlflow, rid, held | {"heldout/set_utility_high": 0.3}, step=step)
                 version = register_model(mlflow, f"runs:/{rid}/policy", rid, method=m)
             out[m] = {"path": "unused", "mlflow_run_id": rid, "model_version": version}
         return out
@@ -53,27 +58,33 @@ def _stand_ins(utilities: dict[str, float]) -> list[dg.AssetsDefinition]:
         with stage_run(mlflow, context, "eval", method="base") as base_rid:
             log_metrics(mlflow, base_rid, {"set_utility": 0.3})
         out = {}
+        units = _units(utilities, noise)
         for m in context.partition_keys:
             with stage_run(mlflow, context, "eval", method=m) as rid:
                 log_metrics(mlflow, rid, {"set_utility": utilities[m]})
-            out[m] = {"mlflow_run_id": rid, "base_mlflow_run_id": base_rid}
+            out[m] = {
+                "mlflow_run_id": rid,
+                "base_mlflow_run_id": base_rid,
+                "units": {"set_utility": units[m]},
+            }
         return out
 
     return [trained, evaluated]
 
 
 @pytest.mark.parametrize(
-    ("utilities", "winner", "tied"),
+    ("utilities", "noise", "winner"),
     [
-        ({"grpo": 0.5, "shapegrpo": 0.7, "loo": 0.6}, "shapegrpo", []),
-        ({"grpo": 0.6, "shapegrpo": 0.6, "loo": 0.5}, None, ["grpo", "shapegrpo"]),
-        ({"grpo": NAN, "shapegrpo": NAN, "loo": NAN}, None, list(METHODS)),
+        ({"grpo": 0.5, "shapegrpo": 0.7, "loo": 0.6}, 0.01, "shapegrpo"),  # clear paired win
+        ({"grpo": 0.6, "shapegrpo": 0.61, "loo": 0.5}, 0.2, None),  # best mean, but the CI vs grpo spans 0
+        ({"grpo": NAN, "shapegrpo": NAN, "loo": NAN}, 0.0, None),
     ],
-    ids=["winner", "tie", "all_nan"],
+    ids=["winner", "overlapping", "all_nan"],
 )
 def test_champion_moves_only_on_a_winner(
-    tmp_path, utilities: dict[str, float], winner: str | None, tied: list[str]
+    tmp_path, utilities: dict[str, float], noise: float, winner: str | None
 ) -> None:
+    tied = [] if winner is not None else list(METHODS)
     mlflow = mlflow_resource(tmp_path)
     client = mlflow.client()
     name = mlflow.registered_model_name
@@ -84,7 +95,7 @@ def test_champion_moves_only_on_a_winner(
 
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [*_stand_ins(utilities), method_comparison],
+            [*_stand_ins(utilities, noise), method_comparison],
             resources=resources(tmp_path),
             tags=ALL_METHODS_TAGS,  # one run covers every method partition, as the jobs do
             instance=instance,
@@ -96,6 +107,9 @@ def test_champion_moves_only_on_a_winner(
         ).asset_materialization
 
     champion = client.get_model_version_by_alias(name, "champion")
+    # The held-out curve carries its interval, which the learning-curve plot draws as a band.
+    band = _curve(mlflow, out["table"][1]["train_run_id"], "heldout/set_utility")
+    assert band[["low", "high"]].to_numpy().tolist() == [[0.1, 0.3], [0.1, 0.3]]
     (compare_run,) = find_runs(mlflow, {TAG_STAGE: "compare"})
     report_path = client.download_artifacts(compare_run.info.run_id, "comparison.md", str(tmp_path))
     report = Path(report_path).read_text()
@@ -105,9 +119,12 @@ def test_champion_moves_only_on_a_winner(
         assert out["champion_version"] is None
         assert mat.metadata["winner"].value == NO_WINNER
         assert compare_run.data.tags["winner"] == NO_WINNER
-        assert f"Winner by set_utility: {NO_WINNER} ({', '.join(tied)})" in report
+        assert f"Winner by set_utility: {NO_WINNER}" in report and "no significant winner" in out["reason"]
         assert mat.metadata["tied"].value == ", ".join(tied)
     else:
         assert champion.tags["method"] == winner and str(champion.version) == out["champion_version"]
         assert mat.metadata["winner"].value == winner == compare_run.data.tags["winner"]
         assert f"Winner by set_utility: {winner}" in report
+        pairs = out["paired_differences"]
+        assert {p["versus"] for p in pairs} == set(METHODS) - {winner}
+        assert all(p["ci_low"] > 0 and p["p_improvement"] > 0.5 for p in pairs)

@@ -73,3 +73,12 @@ def test_assets_are_grouped_with_kinds_and_partitions(tmp_path) -> None:
         ("shapley_credits", "check_advantages_finite"),
         ("policy_evaluation", "check_eval_utility_finite"),
     }
+
+
+def test_method_partitions_match_the_trainers_methods() -> None:
+    """Every method the trainer knows (wta included) is a partition, with the allocation it trains with."""
+    from pipelines.config import METHOD_ALLOCATION
+    from shapegrpo_core.training import METHODS as TRAIN_METHODS
+
+    assert set(METHODS) == set(TRAIN_METHODS)
+    assert METHOD_ALLOCATION == {m: alloc for m, (alloc, _lam) in TRAIN_METHODS.items()}

@@ -1,5 +1,5 @@
 """Evaluation domain: held-out evaluation per method (and of the base policy), and the method comparison built
-from MLflow, which also moves the registry's champion alias to the winner."""
+from MLflow, which moves the registry's champion alias only to a winner with paired evidence."""
 
 import hashlib
 import json
@@ -16,10 +16,32 @@ from pipelines.resources import ComputeResource, MLflowResource, StorageResource
 from pipelines.taskio import load_split, load_task
 from pipelines.tracking import log_file, log_metrics, log_table, root_run_id, stage_run
 from shapegrpo_core import evaluation, policy
+from shapegrpo_core.stats import decide_champion
 
 CHECK_FINITE = "check_eval_utility_finite"
 CHECK_NOT_WORSE = "check_not_worse_than_base"
-NO_WINNER = "no winner (tie)"
+NO_WINNER = "no significant winner"
+UNIT_KEYS = ("prompt_index", "sample")
+
+
+def unit_scores(report: evaluation.EvalReport) -> dict[str, dict[str, float]]:
+    """``{metric: {"prompt_index:sample": value}}`` per eval unit. Every method is evaluated on the same
+    prompts with the same sampling seed (common random numbers), so unit i of one method pairs
+    with unit i of another."""
+    r = report.responses
+    keys = [f"{i}:{s}" for i, s in zip(r["prompt_index"], r["sample"], strict=True)]
+    return {m: dict(zip(keys, r[m].astype(float), strict=True)) for m in evaluation.METRICS if m in r}
+
+
+def paired_units(units: dict[str, dict[str, float]]) -> dict[str, list[float]]:
+    """Per-method scores on the units every method has a finite score for (a failed scorer drops the unit
+    for all methods, so the pairing holds)."""
+    keys = [
+        k
+        for k in next(iter(units.values()))
+        if all(math.isfinite(u.get(k, math.nan)) for u in units.values())
+    ]
+    return {m: [u[k] for k in keys] for m, u in units.items()}
 
 
 def _evaluate(
@@ -109,6 +131,7 @@ def policy_evaluation(
         report = _evaluate(context, config, task_dataset, base_policy["path"], device)
         base = {
             "metrics": report.to_dict(),
+            "units": unit_scores(report),
             "mlflow_run_id": _log_report(mlflow, context, storage, config, report, "base"),
         }
         cache.write_text(json.dumps(base))
@@ -119,6 +142,7 @@ def policy_evaluation(
         rid = _log_report(mlflow, context, storage, config, report, method)
         results[method] = {
             "metrics": report.to_dict(),
+            "units": unit_scores(report),
             "mlflow_run_id": rid,
             "base_metrics": base["metrics"],
             "base_mlflow_run_id": base["mlflow_run_id"],
@@ -152,24 +176,22 @@ def policy_evaluation(
     )
 
 
-def pick_winner(table: pd.DataFrame, metric: str, tol: float) -> tuple[str | None, list[str]]:
-    """(winner, top methods): the method with the highest ``metric``, or None when several are within
-    ``tol`` of the best (a tie) or none has a value; ``top`` lists the methods within ``tol`` of the best
-    (every method when all are NaN). A tie picks no winner rather than whichever row sorts first, so the
-    champion alias only moves on evidence."""
-    values = table.set_index("method")[metric].astype(float)
-    if values.isna().all():
-        return None, list(values.index)
-    best = values.max()
-    top = [str(m) for m, v in values.items() if v >= best - tol]
-    return (top[0] if len(top) == 1 else None), top
-
-
-def _curve(mlflow: MLflowResource, run_id: str, metric: str) -> pd.DataFrame:
-    """Per-step history of ``metric`` in a training run (empty when the run never logged it)."""
+def _history(mlflow: MLflowResource, run_id: str, metric: str) -> pd.DataFrame:
     history = mlflow.call(mlflow.client().get_metric_history, run_id, metric)
     df = pd.DataFrame([{"step": m.step, "value": m.value} for m in history], columns=["step", "value"])
     return df.sort_values("step").drop_duplicates("step", keep="last")  # a resumed step keeps its last value
+
+
+def _curve(mlflow: MLflowResource, run_id: str, metric: str) -> pd.DataFrame:
+    """Per-step history of ``metric`` in a training run (empty when the run never logged it), with its
+    ``low``/``high`` interval bounds when the run logged ``<metric>_low``/``_high`` at the same steps."""
+    df = _history(mlflow, run_id, metric)
+    bounds = [
+        _history(mlflow, run_id, f"{metric}_{side}").set_index("step")["value"] for side in ("low", "high")
+    ]
+    if len(df) and all(len(b) for b in bounds):
+        df = df.assign(low=df["step"].map(bounds[0]), high=df["step"].map(bounds[1]))
+    return df
 
 
 @dg.asset(
@@ -180,8 +202,9 @@ def _curve(mlflow: MLflowResource, run_id: str, metric: str) -> pd.DataFrame:
         "fine_tuned_policy": dg.AssetIn(metadata={"allow_missing_partitions": True}),
     },
     description="Side-by-side table of the methods (eval metrics read back from MLflow) and their learning "
-    "curves; moves the registered model's champion alias to the method with the highest eval set utility "
-    "(on a tie, within tie_tol or all NaN, there is no winner and the alias stays).",
+    "curves, and the paired differences (CI, P(improvement)) of the best method against each other one over "
+    "the shared eval units; the champion alias moves only when every such CI excludes 0, otherwise the "
+    "report says 'no significant winner' and the alias stays.",
 )
 def method_comparison(
     context: dg.AssetExecutionContext,
@@ -225,7 +248,18 @@ def method_comparison(
     if table[config.metric].isna().all():
         raise ValueError(f"eval runs have no metric {config.metric!r}; choose one of {evaluation.METRICS}")
     table.insert(4, "delta_vs_base", table[config.metric] - table.loc[0, config.metric])
-    winner, top = pick_winner(table[table["method"] != "base"], config.metric, config.tie_tol)
+    units = {m: (policy_evaluation[m].get("units") or {}).get(config.metric) for m in methods}
+    if len(methods) < 2 or any(u is None for u in units.values()):
+        raise ValueError("the champion gate needs per-unit eval scores of at least 2 methods")
+    paired = paired_units(units)  # type: ignore[arg-type]
+    n_units = len(next(iter(paired.values())))
+    if n_units < 2:
+        decision_pairs = pd.DataFrame()
+        winner, reason = None, f"{NO_WINNER}: only {n_units} eval units have a finite score for every method"
+    else:
+        decision = decide_champion(paired, confidence=config.confidence, seed=config.seed)
+        winner, reason, decision_pairs = decision.winner, decision.reason, decision.pairs
+    top = [] if winner is not None else list(methods)
     verdict = winner if winner is not None else NO_WINNER
 
     out_dir = storage.run_dir(context, "method_comparison")
@@ -234,8 +268,10 @@ def method_comparison(
     )
     (out_dir / "comparison.md").write_text(
         table.to_markdown(index=False, floatfmt=".4g")
-        + f"\n\nWinner by {config.metric}: {verdict}"
-        + (f" ({', '.join(top)})\n" if winner is None and top else "\n")
+        + f"\n\nWinner by {config.metric}: {verdict}\n\n{reason}\n\n"
+        + "Paired differences (best mean − other; eval units = prompt × sample, common random numbers):\n\n"
+        + (decision_pairs.to_markdown(index=False, floatfmt=".4g") if len(decision_pairs) else "(none)")
+        + "\n"
     )
     champion_version = None
     with stage_run(
@@ -260,6 +296,8 @@ def method_comparison(
             "winner": winner,
             "tied": top if winner is None else [],
             "metric": config.metric,
+            "reason": reason,
+            "paired_differences": decision_pairs.to_dict(orient="records"),
             "champion_alias": config.champion_alias,
             "champion_version": champion_version,
             "table": table.to_dict(orient="records"),
@@ -269,6 +307,8 @@ def method_comparison(
         metadata={
             "winner": verdict,
             "tied": ", ".join(top) if winner is None else "",
+            "reason": reason,
+            "paired_differences": md_preview(decision_pairs, 20) if len(decision_pairs) else "(none)",
             "champion_version": str(champion_version),
             "comparison": md_preview(
                 table.drop(columns=["train_run_id", "eval_run_id"], errors="ignore"), 20

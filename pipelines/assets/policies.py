@@ -139,6 +139,7 @@ def fine_tuned_policy(
                 save_steps=config.save_steps,
                 eval_every=config.eval_every,
                 eval_num_prompts=config.eval_num_prompts,
+                eval_num_samples=config.eval_num_samples,
                 eval_dataset=eval_dataset,
                 logging_steps=config.logging_steps,
                 train_dataset=train_dataset,
