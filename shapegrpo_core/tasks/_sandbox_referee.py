@@ -59,10 +59,40 @@ def encode_value(x: object, depth: int = 0) -> list:
     raise TypeError(f"unsupported type {t.__name__} (only plain builtin values cross the sandbox)")
 
 
-def decode_value(obj: object, depth: int = 0) -> object:
-    """Inverse of :func:`encode_value` for *untrusted* input: builds plain values only, else ValueError."""
+class _Budget:
+    """Work left for decoding one untrusted reply: elements built and a wall-clock deadline, looked at every
+    1024 elements, so that a set of values that all hash alike (quadratic to build) cannot run past it."""
+
+    def __init__(self, max_items: int, deadline: float | None) -> None:
+        self.left = max_items
+        self.deadline = deadline
+
+    def take(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError("reply has too many elements")
+        if self.deadline is not None and self.left % 1024 == 0 and time.monotonic() > self.deadline:
+            raise ValueError("reply took too long to decode")
+
+
+DEFAULT_MAX_ITEMS = 1_000_000
+MAX_INT_HEX_DIGITS = 1 << 16  # one int in a reply: 262,144 bits
+
+
+def decode_value(
+    obj: object, depth: int = 0, *, max_items: int = DEFAULT_MAX_ITEMS, deadline: float | None = None
+) -> object:
+    """Inverse of :func:`encode_value` for *untrusted* input: builds plain values only, else ValueError.
+    Bounded: nesting ``_MAX_DEPTH``, at most ``max_items`` elements, ints of ``MAX_INT_HEX_DIGITS``; past
+    ``deadline`` (monotonic) ValueError. Sets and dicts are filled one element at a time so that the check
+    runs while they grow."""
+    return _decode(obj, depth, _Budget(max_items, deadline))
+
+
+def _decode(obj: object, depth: int, budget: _Budget) -> object:
     if depth > _MAX_DEPTH:
         raise ValueError("value nested too deeply")
+    budget.take()
     if type(obj) is not list or not obj or type(obj[0]) is not str:
         raise ValueError("malformed value")
     tag, rest = obj[0], obj[1:]
@@ -77,7 +107,10 @@ def decode_value(obj: object, depth: int = 0) -> object:
     if tag == "b":
         return one(bool)
     if tag == "i":
-        return int(one(str), 16)
+        digits = one(str)
+        if len(digits) > MAX_INT_HEX_DIGITS:
+            raise ValueError(f"int of more than {MAX_INT_HEX_DIGITS} hex digits")
+        return int(digits, 16)
     if tag == "f":
         return float(one(str))
     if tag == "c":
@@ -88,22 +121,30 @@ def decode_value(obj: object, depth: int = 0) -> object:
         return one(str)
     if tag == "y":
         return bytes.fromhex(one(str))
-    if tag in ("l", "t", "e", "z"):
-        items = [decode_value(v, depth + 1) for v in one(list)]
-        try:
-            return {"l": list, "t": tuple, "e": set, "z": frozenset}[tag](items)
-        except TypeError as e:  # unhashable set element
-            raise ValueError(f"malformed set: {e}") from None
+    if tag in ("l", "t"):
+        items = [_decode(v, depth + 1, budget) for v in one(list)]
+        return items if tag == "l" else tuple(items)
+    if tag in ("e", "z"):
+        out_set: set = set()
+        for v in one(list):
+            item = _decode(v, depth + 1, budget)
+            try:
+                out_set.add(item)
+            except TypeError as e:  # unhashable set element
+                raise ValueError(f"malformed set: {e}") from None
+            budget.take()
+        return out_set if tag == "e" else frozenset(out_set)
     if tag == "d":
         out = {}
         for pair in one(list):
             if type(pair) is not list or len(pair) != 2:
                 raise ValueError("malformed dict item")
-            key = decode_value(pair[0], depth + 1)
+            key = _decode(pair[0], depth + 1, budget)
             try:
-                out[key] = decode_value(pair[1], depth + 1)
+                out[key] = _decode(pair[1], depth + 1, budget)
             except TypeError as e:  # unhashable key
                 raise ValueError(f"malformed dict key: {e}") from None
+            budget.take()
         return out
     raise ValueError(f"unknown value tag {tag!r}")
 
@@ -460,6 +501,7 @@ class _CandidateProxy:
         self.call_timeout = lim["call_timeout_s"]
         self.load_timeout = lim["load_timeout_s"]
         self.max_reply = lim["max_reply_bytes"]
+        self.max_items = lim["max_reply_items"]
         self.restarts_left = lim["max_restarts"]
         self.proc: subprocess.Popen | None = None
         self.to_child = self.from_child = -1
@@ -578,7 +620,7 @@ class _CandidateProxy:
             if reply.get("ok") is not True:
                 raise CandidateFailure("candidate-raised", str(reply.get("error", ""))[:300])
             try:
-                return decode_value(reply.get("value"))
+                return decode_value(reply.get("value"), max_items=self.max_items, deadline=deadline)
             except (ValueError, RecursionError) as e:
                 raise CandidateFailure("bad-reply", str(e)[:200]) from None
         except CandidateFailure as e:

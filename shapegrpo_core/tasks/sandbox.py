@@ -109,6 +109,7 @@ class SandboxLimits:
     max_open_files: int = 64  # RLIMIT_NOFILE
     tmpfs_bytes: int = 64 << 20  # size of each private tmpfs (/tmp, ...) in the mount namespace
     max_reply_bytes: int = 8 << 20  # one reply frame from the candidate
+    max_reply_items: int = 1_000_000  # elements decoded from one reply (and stopped at the call deadline)
     max_output_bytes: int = 4 << 20  # what the scorer reads from the referee
     max_restarts: int = 2  # fresh candidate processes after a crash or a late call
     audit_hook: bool = True  # Python-level guard in the candidate (defence in depth only)
