@@ -1,4 +1,4 @@
-"""The sandbox against hostile candidates (DESIGN.md §7): every attack ends as a failed unit or a timeout, no
+"""The sandbox against hostile candidates: every attack ends as a failed unit or a timeout, no
 process survives, nothing outside the sandbox changes, and honest candidates scored alongside keep their
 verdicts. The suite runs under several isolation configurations, so that each layer is shown to hold alone."""
 

@@ -1,4 +1,4 @@
-"""Run untrusted candidate code against trusted checks, isolated (DESIGN.md §3 ``code``, §7 hostile code).
+"""Run untrusted candidate code against trusted checks, isolated (design and coverage: docs/sandbox.md).
 
 Threat model. A candidate is code written by the policy being trained. It may be broken, slow or hostile:
 fork bombs, daemons that outlive it, loops that ignore signals, memory bombs, unbounded output, reads from
@@ -8,52 +8,33 @@ get *found*, so the verdict must not be forgeable and nothing may leak out of a 
 
 Three processes per candidate::
 
-    scorer   (this process; a worker thread of run_jobs)                trusted, owns the verdict
-     └─ referee   (python -I -S _sandbox_referee.py; own session, root)   trusted; namespaces + rlimits
-          └─ candidate  (fresh interpreter, unprivileged uid)               untrusted
+    scorer   (this process; a worker thread of run_jobs)            trusted, owns the verdict and the cgroup
+     └─ referee   (python -I -S _sandbox_referee.py; own session, root)   trusted; runs the checker
+          └─ bwrap ... candidate  (fresh interpreter, sandbox uid)          untrusted
 
 The referee executes the *trusted* checker (the task's helper code and its test, instrumented so that each
 assertion unit reports pass/fail, see :mod:`shapegrpo_core.tasks.code`) and hands it, as ``candidate``, a
 proxy: a call sends the arguments to the candidate process over a pipe and decodes the reply, which may only
-be plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset; exact types,
-see :func:`decode_value`). So candidate code never runs in a process that computes or records a verdict: it
-cannot monkeypatch the checker or its helpers, forge "passed", return an object whose ``__eq__`` always says
-True, or end the checker early; ``sys.exit`` / ``os._exit`` end only its own process, which fails the call.
-Its one power over the verdict is the values its function returns -- exactly what is being graded. The
-referee writes one JSON record (per-unit results) holding a random nonce that only the scorer and the referee
-know (it travels in the job spec on the referee's stdin, an unlinked file the candidate never gets); the
-scorer requires that nonce and a complete record, else the candidate scores zero.
+be plain data (see :func:`decode_value`; bounded in size, depth, element count, int size and time). So
+candidate code never runs in a process that computes or records a verdict. The referee writes one JSON
+record holding a random nonce that only the scorer and the referee know; the scorer requires that nonce and
+a complete record, else the candidate scores zero.
 
-Isolation of the candidate process, in layers (each is tested on its own in tests/test_sandbox.py):
+Isolation (details, tests and what is *not* covered: docs/sandbox.md):
 
-1. An unprivileged uid, unique per running sandbox (leased from a range under a lock file; not the shared
-   ``nobody``, so that one sandbox's process limit and kill sweep never touch another's). It cannot write
-   files it does not own, cannot signal or ptrace the referee or the scorer (root), and ``kill(-1, SIGKILL)``
-   issued as that uid ends every process it left behind -- also those that called ``setsid()`` to leave the
-   process group -- in one syscall that a concurrent fork cannot race. Needs root (``capabilities().root``).
-2. Namespaces, entered by the referee (as root) before it starts the candidate: a network namespace (only a
-   loopback that is down: no connection anywhere, localhost included) and a mount namespace with fresh,
-   size-limited tmpfs on /tmp, /var/tmp, /dev/shm, /run/lock (the world-writable places; the working
-   directory is recreated inside the new /tmp) and empty read-only mounts over ``hidden_paths`` (e.g. the
-   HumanEval data file, so that a candidate cannot read the answers). Support is probed once and cached.
-3. rlimits on address space, CPU seconds, processes (per uid), file size, open files, core dumps (0).
-4. A Python audit hook in the candidate interpreter (defence in depth; Python-level, so bypassable in
-   principle): socket, ctypes and process-creation events raise PermissionError. Without a network namespace
-   the socket part is always on, so no run is ever without network isolation.
-5. Time: a per-call and a total deadline in the referee (a late call kills the candidate and fails the unit;
-   the next call gets a fresh candidate process, up to ``max_restarts``); a hard wall-clock deadline in the
-   scorer kills the referee's whole process group (``os.killpg`` SIGKILL), then sweeps the uid.
-6. I/O: the candidate's stdin, stdout and stderr are /dev/null (unbounded output goes nowhere); the
-   referee's output is read with a cap (never ``communicate()``); replies from the candidate are capped.
+1. bubblewrap: user, PID, IPC, network, UTS, mount and cgroup namespaces; a read-only root of /usr only, a
+   private /proc, a minimal /dev, a private size-capped /tmp; ``--die-with-parent``, ``--new-session``.
+2. A cgroup per candidate (v1 memory + pids + freezer, or v2) capping total memory and tasks; teardown by
+   root: freeze, SIGKILL every member, thaw, wait until empty, remove. No process of the candidate's
+   identity is ever started outside the sandbox.
+3. An unprivileged uid leased per running sandbox, rlimits, per-call / per-candidate / hard deadlines.
+4. A Python audit hook (defence in depth only; the tests pass without it).
 
-Residual risks (not covered): kernel exploits (no seccomp, no user namespace); reading world-readable files
-that are not hidden (source code, other data); CPU and memory-bandwidth contention with other candidates
-within the limits; world-writable paths other than the four replaced by tmpfs (none on a standard layout)
-when the mount namespace is available, and all world-writable paths (bounded only by RLIMIT_FSIZE per file)
-when it is not. Without root there is no uid switch: files the scorer's user can write are writable by
-candidates and orphans that leave the process group survive -- run the scorer as root (e.g. in its own
-container) for hostile code. The trusted checker itself runs as root inside the namespaces and limits: a
-malicious *dataset* is out of scope.
+Where root, bubblewrap or cgroups are missing, :func:`run_job` refuses (an "error" verdict saying why)
+unless ``SandboxLimits.unsafe_allow_unisolated`` is set. Nothing the sandbox raises escapes
+:func:`run_job`: an infrastructure failure is a recorded "error"/"timeout" verdict. Not covered: no seccomp
+filter yet (the kernel's syscall surface is reachable), CPU is not a cgroup share, everything under /usr is
+readable, and the trusted checker runs as root outside the namespaces (a malicious dataset is out of scope).
 """
 
 from __future__ import annotations
@@ -102,12 +83,12 @@ class SandboxLimits:
     call_timeout_s: float = 3.0  # one call of the candidate's function
     load_timeout_s: float = 5.0  # starting the candidate's interpreter and running its module-level code
     startup_grace_s: float = 5.0  # scorer's hard deadline = timeout_s + this (interpreter start-up, teardown)
-    memory_bytes: int = 1 << 30  # RLIMIT_AS
+    memory_bytes: int = 1 << 30  # RLIMIT_AS per process and the cgroup's total memory cap
     cpu_s: int | None = None  # RLIMIT_CPU; default ceil(timeout_s) + 1
     max_processes: int = 16  # RLIMIT_NPROC of the sandbox uid (threads count too)
     max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE
     max_open_files: int = 64  # RLIMIT_NOFILE
-    tmpfs_bytes: int = 64 << 20  # size of each private tmpfs (/tmp, ...) in the mount namespace
+    tmpfs_bytes: int = 64 << 20  # size of the candidate's private /tmp
     max_reply_bytes: int = 8 << 20  # one reply frame from the candidate
     max_reply_items: int = 1_000_000  # elements decoded from one reply (and stopped at the call deadline)
     max_output_bytes: int = 4 << 20  # what the scorer reads from the referee
