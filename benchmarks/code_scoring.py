@@ -2,7 +2,7 @@
 
 Runs the HumanEval canonical solutions (every one passes all its assertion units) three ways, in one run:
 
-* sandboxed: ``sandbox.run_jobs`` (referee + unprivileged candidate process, namespaces, rlimits, per-unit
+* sandboxed: ``sandbox.run_jobs`` (referee + candidate under bubblewrap in its own cgroup, rlimits, per-unit
   verdicts), ``--workers`` threads;
 * plain subprocess: ``python -c <prompt + solution + test + check(entry_point)>``, no isolation, same
   number of worker threads;

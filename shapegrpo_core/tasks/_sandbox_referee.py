@@ -25,13 +25,8 @@ CHECK_FUNCTION = "__shapegrpo_check__"
 _MAX_DEPTH = 100  # nesting depth of a value crossing the pipe
 _FRAME_HEADER = struct.Struct(">I")
 
-# Linux constants (sched.h, sys/mount.h, sys/prctl.h).
-CLONE_NEWNS = 0x00020000
-CLONE_NEWNET = 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 4096, 16384, 1 << 18
+# Linux constant (sys/prctl.h).
 PR_SET_CHILD_SUBREAPER = 36
-# World-writable directories replaced by a private tmpfs in the candidate's mount namespace.
-SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 
 # ---------------------------------------------------------------------------------------- value codec (plain)
@@ -64,10 +59,40 @@ def encode_value(x: object, depth: int = 0) -> list:
     raise TypeError(f"unsupported type {t.__name__} (only plain builtin values cross the sandbox)")
 
 
-def decode_value(obj: object, depth: int = 0) -> object:
-    """Inverse of :func:`encode_value` for *untrusted* input: builds plain values only, else ValueError."""
+class _Budget:
+    """Work left for decoding one untrusted reply: elements built and a wall-clock deadline, looked at every
+    1024 elements, so that a set of values that all hash alike (quadratic to build) cannot run past it."""
+
+    def __init__(self, max_items: int, deadline: float | None) -> None:
+        self.left = max_items
+        self.deadline = deadline
+
+    def take(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError("reply has too many elements")
+        if self.deadline is not None and self.left % 1024 == 0 and time.monotonic() > self.deadline:
+            raise ValueError("reply took too long to decode")
+
+
+DEFAULT_MAX_ITEMS = 1_000_000
+MAX_INT_HEX_DIGITS = 1 << 16  # one int in a reply: 262,144 bits
+
+
+def decode_value(
+    obj: object, depth: int = 0, *, max_items: int = DEFAULT_MAX_ITEMS, deadline: float | None = None
+) -> object:
+    """Inverse of :func:`encode_value` for *untrusted* input: builds plain values only, else ValueError.
+    Bounded: nesting ``_MAX_DEPTH``, at most ``max_items`` elements, ints of ``MAX_INT_HEX_DIGITS``; past
+    ``deadline`` (monotonic) ValueError. Sets and dicts are filled one element at a time so that the check
+    runs while they grow."""
+    return _decode(obj, depth, _Budget(max_items, deadline))
+
+
+def _decode(obj: object, depth: int, budget: _Budget) -> object:
     if depth > _MAX_DEPTH:
         raise ValueError("value nested too deeply")
+    budget.take()
     if type(obj) is not list or not obj or type(obj[0]) is not str:
         raise ValueError("malformed value")
     tag, rest = obj[0], obj[1:]
@@ -82,7 +107,10 @@ def decode_value(obj: object, depth: int = 0) -> object:
     if tag == "b":
         return one(bool)
     if tag == "i":
-        return int(one(str), 16)
+        digits = one(str)
+        if len(digits) > MAX_INT_HEX_DIGITS:
+            raise ValueError(f"int of more than {MAX_INT_HEX_DIGITS} hex digits")
+        return int(digits, 16)
     if tag == "f":
         return float(one(str))
     if tag == "c":
@@ -93,22 +121,30 @@ def decode_value(obj: object, depth: int = 0) -> object:
         return one(str)
     if tag == "y":
         return bytes.fromhex(one(str))
-    if tag in ("l", "t", "e", "z"):
-        items = [decode_value(v, depth + 1) for v in one(list)]
-        try:
-            return {"l": list, "t": tuple, "e": set, "z": frozenset}[tag](items)
-        except TypeError as e:  # unhashable set element
-            raise ValueError(f"malformed set: {e}") from None
+    if tag in ("l", "t"):
+        items = [_decode(v, depth + 1, budget) for v in one(list)]
+        return items if tag == "l" else tuple(items)
+    if tag in ("e", "z"):
+        out_set: set = set()
+        for v in one(list):
+            item = _decode(v, depth + 1, budget)
+            try:
+                out_set.add(item)
+            except TypeError as e:  # unhashable set element
+                raise ValueError(f"malformed set: {e}") from None
+            budget.take()
+        return out_set if tag == "e" else frozenset(out_set)
     if tag == "d":
         out = {}
         for pair in one(list):
             if type(pair) is not list or len(pair) != 2:
                 raise ValueError("malformed dict item")
-            key = decode_value(pair[0], depth + 1)
+            key = _decode(pair[0], depth + 1, budget)
             try:
-                out[key] = decode_value(pair[1], depth + 1)
+                out[key] = _decode(pair[1], depth + 1, budget)
             except TypeError as e:  # unhashable key
                 raise ValueError(f"malformed dict key: {e}") from None
+            budget.take()
         return out
     raise ValueError(f"unknown value tag {tag!r}")
 
@@ -261,26 +297,6 @@ def candidate_env(workdir: str, seed: int) -> dict[str, str]:
     }
 
 
-def _probe_main() -> int:
-    """Referee in probe mode: can it enter network and mount namespaces (and mount there)?"""
-    found = {"netns": False, "mountns": False}
-    try:
-        _unshare(CLONE_NEWNET)
-        found["netns"] = True
-    except OSError:
-        pass
-    try:
-        _unshare(CLONE_NEWNS)
-        _mount(None, "/", None, MS_REC | MS_PRIVATE)
-        d = "/tmp" if os.path.isdir("/tmp") else "/mnt"  # private namespace: the host does not see it
-        _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k")
-        found["mountns"] = True
-    except OSError:
-        pass
-    print(json.dumps(found))
-    return 0
-
-
 # ------------------------------------------------------------------------------------------------ the referee
 
 
@@ -294,20 +310,110 @@ def _check_errno(ret: int, what: str) -> None:
         raise OSError(e, f"{what}: {os.strerror(e)}")
 
 
-def _unshare(flags: int) -> None:
-    _check_errno(_libc().unshare(ctypes.c_int(flags)), "unshare")
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    def b(s: str | None) -> bytes | None:
-        return None if s is None else s.encode()
-
-    ret = _libc().mount(b(source), b(target), b(fstype), ctypes.c_ulong(flags), b(data))
-    _check_errno(ret, f"mount {target}")
-
-
 class _SetupError(Exception):
     """The referee could not establish the isolation it was asked for (fail closed: no candidate runs)."""
+
+
+# ------------------------------------------------------------------------------------- cgroup of a candidate
+# The scorer (root) creates one cgroup per candidate and passes its directories in the spec; the candidate's
+# bubblewrap process joins them before it execs (preexec in the referee, still root), so everything the
+# candidate ever starts is charged there and can be frozen and killed there -- by root, never by a process
+# of the candidate's identity.
+
+
+def cgroup_pids(dirs: list) -> list:
+    out = set()
+    for d in dirs:
+        try:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                out.update(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return sorted(out)
+
+
+def _write(path: str, value: str) -> bool:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+        return True
+    except OSError:
+        return False
+
+
+def kill_cgroup(dirs: list, wait_s: float = 5.0) -> bool:
+    """Freeze the candidate's cgroup (no fork can race the kill), SIGKILL every member, thaw, wait until it is
+    empty. True when empty. v2: ``cgroup.kill`` when the kernel has it, else the same freeze/kill loop."""
+    deadline = time.monotonic() + wait_s
+    freezers = [d for d in dirs if os.path.exists(os.path.join(d, "freezer.state"))]
+    v2 = [d for d in dirs if os.path.exists(os.path.join(d, "cgroup.freeze"))]
+    for d in dirs:
+        if os.path.exists(os.path.join(d, "cgroup.kill")):
+            _write(os.path.join(d, "cgroup.kill"), "1")
+    while True:
+        for d in freezers:
+            _write(os.path.join(d, "freezer.state"), "FROZEN")
+        for d in v2:
+            _write(os.path.join(d, "cgroup.freeze"), "1")
+        pids = cgroup_pids(dirs)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for d in freezers:
+            _write(os.path.join(d, "freezer.state"), "THAWED")  # SIGKILL is delivered once thawed
+        for d in v2:
+            _write(os.path.join(d, "cgroup.freeze"), "0")
+        if not pids:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+
+
+def join_cgroup(dirs: list) -> None:
+    for d in dirs:
+        with open(os.path.join(d, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+
+# The minimal root of the candidate: /usr read-only (the interpreter and its libraries; on merged-/usr
+# systems /bin, /lib, /lib64 are links into it), /proc of its own PID namespace, a minimal /dev, a private
+# /tmp. No checkout, no /root, no /home, no /etc, no /var.
+def bwrap_command(spec: dict, argv: list) -> list:
+    cmd = [
+        spec["bwrap"],
+        "--unshare-all",  # user, pid, ipc, net, uts, cgroup namespaces
+        "--unshare-user",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
+    for link in ("bin", "lib", "lib64", "sbin"):
+        host = "/" + link
+        if os.path.islink(host):
+            cmd += ["--symlink", os.readlink(host), host]
+        elif os.path.isdir(host):
+            cmd += ["--ro-bind", host, host]
+    cmd += ["--proc", "/proc", "--dev", "/dev"]
+    cmd += ["--size", str(spec["limits"]["tmpfs_bytes"]), "--tmpfs", "/tmp"]
+    cmd += ["--dir", SANDBOX_WORKDIR, "--chdir", SANDBOX_WORKDIR]
+    for p in spec["limits"]["hidden_paths"]:
+        if p.startswith("/usr/") and os.path.isdir(p):
+            cmd += ["--tmpfs", p, "--remount-ro", p]
+        elif p.startswith("/usr/") and os.path.exists(p):
+            cmd += ["--ro-bind", "/dev/null", p]
+    if spec.get("seccomp_fd") is not None:
+        cmd += ["--seccomp", str(spec["seccomp_fd"])]
+    return [*cmd, "--", *argv]
+
+
+SANDBOX_WORKDIR = "/tmp/work"
 
 
 class CandidateFailure(Exception):
@@ -333,53 +439,6 @@ def _set_rlimits(lim: dict) -> None:
         # (soft) comes before SIGKILL (hard).
         hard = value + 1 if res == resource.RLIMIT_CPU else value
         resource.setrlimit(res, (int(value), int(hard)))
-
-
-def _enter_namespaces(spec: dict) -> None:
-    flags = (CLONE_NEWNET if spec["netns"] else 0) | (CLONE_NEWNS if spec["mountns"] else 0)
-    if not flags:
-        return
-    try:
-        _unshare(flags)
-        if spec["mountns"]:
-            _private_mounts(spec)
-    except OSError as e:
-        raise _SetupError(f"isolation unavailable: {e}") from None
-
-
-def _private_mounts(spec: dict) -> None:
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
-    size = spec["limits"]["tmpfs_bytes"]
-    for d in SCRATCH_DIRS:
-        if os.path.isdir(d) and not os.path.islink(d):
-            _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=1777")
-    for p in spec["limits"]["hidden_paths"]:
-        if os.path.isdir(p):
-            _mount("tmpfs", p, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=0555")
-        elif os.path.exists(p):
-            _mount("/dev/null", p, None, MS_BIND)
-    wd = spec["workdir"]
-    if not os.path.isdir(wd):  # it was under /tmp: recreate it in the private tmpfs
-        os.makedirs(wd, mode=0o700)
-    if spec["uid"] is not None:
-        os.chown(wd, spec["uid"], spec["uid"])
-        os.chmod(wd, 0o700)
-
-
-def _sweep_uid(uid: int) -> None:
-    """kill(-1, SIGKILL) as ``uid``: ends every process of that uid at once (setsid'd daemons included)."""
-    pid = os.fork()  # the referee is single-threaded, so fork is safe here
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            os.kill(-1, signal.SIGKILL)
-        except OSError:
-            pass  # ESRCH: no process left
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
 
 
 def _reap_all(block: bool) -> None:
@@ -442,6 +501,7 @@ class _CandidateProxy:
         self.call_timeout = lim["call_timeout_s"]
         self.load_timeout = lim["load_timeout_s"]
         self.max_reply = lim["max_reply_bytes"]
+        self.max_items = lim["max_reply_items"]
         self.restarts_left = lim["max_restarts"]
         self.proc: subprocess.Popen | None = None
         self.to_child = self.from_child = -1
@@ -460,18 +520,29 @@ class _CandidateProxy:
         self.from_child, c_w = os.pipe()
         os.set_blocking(self.to_child, False)
         uid = self.spec["uid"]
-        ids = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
+        cgroups = self.spec["cgroups"]
+        argv = [self.spec["child_python"], "-s", "-S", "-B", "-c", CANDIDATE_STUB, str(c_r), str(c_w)]
+        argv += [f"label={self.spec['label']}"] if self.spec["label"] else []
+        unsafe = self.spec["bwrap"] is None
+
+        def enter() -> None:  # in the child, still root: join the cgroup, then drop to the sandbox uid
+            join_cgroup(cgroups)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+
         self.proc = subprocess.Popen(
-            [self.spec["child_python"], "-s", "-S", "-B", "-c", CANDIDATE_STUB, str(c_r), str(c_w)]
-            + ([f"label={self.spec['label']}"] if self.spec["label"] else []),
+            argv if unsafe else bwrap_command(self.spec, argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             pass_fds=(c_r, c_w),
             close_fds=True,
-            cwd=self.spec["workdir"],
-            env=candidate_env(self.spec["workdir"], self.spec["seed"]),
-            **ids,
+            cwd=self.spec["workdir"] if unsafe else "/",
+            env=candidate_env(self.spec["workdir"] if unsafe else SANDBOX_WORKDIR, self.spec["seed"]),
+            preexec_fn=enter,
+            start_new_session=True,
         )
         os.close(c_r)
         os.close(c_w)
@@ -495,11 +566,10 @@ class _CandidateProxy:
     def kill(self) -> None:
         """End the candidate process and everything it started."""
         if self.proc is not None:
-            self.proc.kill()
+            self.proc.kill()  # bwrap: its PID namespace dies with it
+            kill_cgroup(self.spec["cgroups"])  # and whatever else was charged to the candidate
             self.proc.wait()
             self.proc = None
-        if self.spec["uid"] is not None:
-            _sweep_uid(self.spec["uid"])
         for fd in (self.to_child, self.from_child):
             if fd >= 0:
                 os.close(fd)
@@ -550,7 +620,7 @@ class _CandidateProxy:
             if reply.get("ok") is not True:
                 raise CandidateFailure("candidate-raised", str(reply.get("error", ""))[:300])
             try:
-                return decode_value(reply.get("value"))
+                return decode_value(reply.get("value"), max_items=self.max_items, deadline=deadline)
             except (ValueError, RecursionError) as e:
                 raise CandidateFailure("bad-reply", str(e)[:200]) from None
         except CandidateFailure as e:
@@ -573,10 +643,7 @@ def _referee(spec: dict) -> dict:
     start = time.monotonic()
     _set_rlimits(spec["limits"])
     _check_errno(_libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
-    _enter_namespaces(spec)
     uid = spec["uid"]
-    if uid is not None:
-        _sweep_uid(uid)  # leftovers of a scorer that died before sweeping
     random.seed(spec["seed"])  # tests draw random inputs from the global generator
     namespace: dict = {"__name__": "__shapegrpo_checker__", "__builtins__": builtins}
     exec(compile(spec["checker"], "<checker>", "exec"), namespace)
@@ -598,8 +665,8 @@ def _referee(spec: dict) -> dict:
         if load_error is None:
             check(proxy, record)
     finally:
-        proxy.kill()  # the candidate and, by the uid sweep, everything it started
-        _reap_all(block=uid is not None)
+        proxy.kill()  # the candidate and, by the cgroup, everything it started
+        _reap_all(block=False)
     if load_error is not None:
         results = [[False, "load-error"]] * n
     return {
@@ -608,8 +675,7 @@ def _referee(spec: dict) -> dict:
         "load_error": load_error,
         "calls": proxy.calls,
         "restarts": proxy.restarts,
-        "swept": uid is not None,
-        "isolation": {"netns": spec["netns"], "mountns": spec["mountns"], "uid": uid},
+        "isolation": {"bwrap": spec["bwrap"] is not None, "cgroups": bool(spec["cgroups"]), "uid": uid},
     }
 
 
@@ -629,12 +695,10 @@ def _referee_main() -> int:
 
 
 def _usage() -> str:
-    return f"usage: {sys.argv[0]} --referee | --probe (internal entry points of the sandbox)"
+    return f"usage: {sys.argv[0]} --referee (internal entry points of the sandbox)"
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--referee"]:
         sys.exit(_referee_main())
-    if sys.argv[1:] == ["--probe"]:
-        sys.exit(_probe_main())
     sys.exit(_usage())

@@ -411,7 +411,7 @@ class CodeTask(Task):
 
         The offline word-level tokenizer splits at spaces, newlines and ``,:;`` (indentation becomes repeated
         space markers), so prompts and demonstrations round-trip through it; anything else a model writes is
-        ``<unk>`` (the code task needs a real checkpoint and its tokenizer to learn, docs/tasks.md). Words that
+        ``<unk>`` (the code task needs a real checkpoint and its tokenizer to learn). Words that
         clash with its special tokens are left out.
         """
         words: set[str] = set()

@@ -1,4 +1,4 @@
-"""Run untrusted candidate code against trusted checks, isolated (docs/sandbox.md).
+"""Run untrusted candidate code against trusted checks, isolated (design and coverage: docs/sandbox.md).
 
 Threat model. A candidate is code written by the policy being trained. It may be broken, slow or hostile:
 fork bombs, daemons that outlive it, loops that ignore signals, memory bombs, unbounded output, reads from
@@ -8,52 +8,33 @@ get *found*, so the verdict must not be forgeable and nothing may leak out of a 
 
 Three processes per candidate::
 
-    scorer   (this process; a worker thread of run_jobs)                trusted, owns the verdict
-     └─ referee   (python -I -S _sandbox_referee.py; own session, root)   trusted; namespaces + rlimits
-          └─ candidate  (fresh interpreter, unprivileged uid)               untrusted
+    scorer   (this process; a worker thread of run_jobs)            trusted, owns the verdict and the cgroup
+     └─ referee   (python -I -S _sandbox_referee.py; own session, root)   trusted; runs the checker
+          └─ bwrap ... candidate  (fresh interpreter, sandbox uid)          untrusted
 
 The referee executes the *trusted* checker (the task's helper code and its test, instrumented so that each
 assertion unit reports pass/fail, see :mod:`shapegrpo_core.tasks.code`) and hands it, as ``candidate``, a
 proxy: a call sends the arguments to the candidate process over a pipe and decodes the reply, which may only
-be plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset; exact types,
-see :func:`decode_value`). So candidate code never runs in a process that computes or records a verdict: it
-cannot monkeypatch the checker or its helpers, forge "passed", return an object whose ``__eq__`` always says
-True, or end the checker early; ``sys.exit`` / ``os._exit`` end only its own process, which fails the call.
-Its one power over the verdict is the values its function returns -- exactly what is being graded. The
-referee writes one JSON record (per-unit results) holding a random nonce that only the scorer and the referee
-know (it travels in the job spec on the referee's stdin, an unlinked file the candidate never gets); the
-scorer requires that nonce and a complete record, else the candidate scores zero.
+be plain data (see :func:`decode_value`; bounded in size, depth, element count, int size and time). So
+candidate code never runs in a process that computes or records a verdict. The referee writes one JSON
+record holding a random nonce that only the scorer and the referee know; the scorer requires that nonce and
+a complete record, else the candidate scores zero.
 
-Isolation of the candidate process, in layers (each is tested on its own in tests/test_sandbox.py):
+Isolation (details, tests and what is *not* covered: docs/sandbox.md):
 
-1. An unprivileged uid, unique per running sandbox (leased from a range under a lock file; not the shared
-   ``nobody``, so that one sandbox's process limit and kill sweep never touch another's). It cannot write
-   files it does not own, cannot signal or ptrace the referee or the scorer (root), and ``kill(-1, SIGKILL)``
-   issued as that uid ends every process it left behind -- also those that called ``setsid()`` to leave the
-   process group -- in one syscall that a concurrent fork cannot race. Needs root (``capabilities().root``).
-2. Namespaces, entered by the referee (as root) before it starts the candidate: a network namespace (only a
-   loopback that is down: no connection anywhere, localhost included) and a mount namespace with fresh,
-   size-limited tmpfs on /tmp, /var/tmp, /dev/shm, /run/lock (the world-writable places; the working
-   directory is recreated inside the new /tmp) and empty read-only mounts over ``hidden_paths`` (e.g. the
-   HumanEval data file, so that a candidate cannot read the answers). Support is probed once and cached.
-3. rlimits on address space, CPU seconds, processes (per uid), file size, open files, core dumps (0).
-4. A Python audit hook in the candidate interpreter (defence in depth; Python-level, so bypassable in
-   principle): socket, ctypes and process-creation events raise PermissionError. Without a network namespace
-   the socket part is always on, so no run is ever without network isolation.
-5. Time: a per-call and a total deadline in the referee (a late call kills the candidate and fails the unit;
-   the next call gets a fresh candidate process, up to ``max_restarts``); a hard wall-clock deadline in the
-   scorer kills the referee's whole process group (``os.killpg`` SIGKILL), then sweeps the uid.
-6. I/O: the candidate's stdin, stdout and stderr are /dev/null (unbounded output goes nowhere); the
-   referee's output is read with a cap (never ``communicate()``); replies from the candidate are capped.
+1. bubblewrap: user, PID, IPC, network, UTS, mount and cgroup namespaces; a read-only root of /usr only, a
+   private /proc, a minimal /dev, a private size-capped /tmp; ``--die-with-parent``, ``--new-session``.
+2. A cgroup per candidate (v1 memory + pids + freezer, or v2) capping total memory and tasks; teardown by
+   root: freeze, SIGKILL every member, thaw, wait until empty, remove. No process of the candidate's
+   identity is ever started outside the sandbox.
+3. An unprivileged uid leased per running sandbox, rlimits, per-call / per-candidate / hard deadlines.
+4. A Python audit hook (defence in depth only; the tests pass without it).
 
-Residual risks (not covered): kernel exploits (no seccomp, no user namespace); reading world-readable files
-that are not hidden (source code, other data); CPU and memory-bandwidth contention with other candidates
-within the limits; world-writable paths other than the four replaced by tmpfs (none on a standard layout)
-when the mount namespace is available, and all world-writable paths (bounded only by RLIMIT_FSIZE per file)
-when it is not. Without root there is no uid switch: files the scorer's user can write are writable by
-candidates and orphans that leave the process group survive -- run the scorer as root (e.g. in its own
-container) for hostile code. The trusted checker itself runs as root inside the namespaces and limits: a
-malicious *dataset* is out of scope.
+Where root, bubblewrap or cgroups are missing, :func:`run_job` refuses (an "error" verdict saying why)
+unless ``SandboxLimits.unsafe_allow_unisolated`` is set. Nothing the sandbox raises escapes
+:func:`run_job`: an infrastructure failure is a recorded "error"/"timeout" verdict. Not covered: no seccomp
+filter yet (the kernel's syscall surface is reachable), CPU is not a cgroup share, everything under /usr is
+readable, and the trusted checker runs as root outside the namespaces (a malicious dataset is out of scope).
 """
 
 from __future__ import annotations
@@ -102,19 +83,22 @@ class SandboxLimits:
     call_timeout_s: float = 3.0  # one call of the candidate's function
     load_timeout_s: float = 5.0  # starting the candidate's interpreter and running its module-level code
     startup_grace_s: float = 5.0  # scorer's hard deadline = timeout_s + this (interpreter start-up, teardown)
-    memory_bytes: int = 1 << 30  # RLIMIT_AS
+    memory_bytes: int = 1 << 30  # RLIMIT_AS per process and the cgroup's total memory cap
     cpu_s: int | None = None  # RLIMIT_CPU; default ceil(timeout_s) + 1
     max_processes: int = 16  # RLIMIT_NPROC of the sandbox uid (threads count too)
     max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE
     max_open_files: int = 64  # RLIMIT_NOFILE
-    tmpfs_bytes: int = 64 << 20  # size of each private tmpfs (/tmp, ...) in the mount namespace
+    tmpfs_bytes: int = 64 << 20  # size of the candidate's private /tmp
     max_reply_bytes: int = 8 << 20  # one reply frame from the candidate
+    max_reply_items: int = 1_000_000  # elements decoded from one reply (and stopped at the call deadline)
     max_output_bytes: int = 4 << 20  # what the scorer reads from the referee
     max_restarts: int = 2  # fresh candidate processes after a crash or a late call
-    audit_hook: bool = True  # Python-level guard in the candidate (layer 4)
-    isolate_network: bool = True  # network namespace when supported (layer 2)
-    isolate_mounts: bool = True  # mount namespace when supported (layer 2)
-    hidden_paths: tuple[str, ...] = ()  # files/directories the candidate must not read (needs isolate_mounts)
+    audit_hook: bool = True  # Python-level guard in the candidate (defence in depth only)
+    hidden_paths: tuple[str, ...] = ()  # paths under /usr hidden from the candidate (nothing else is visible)
+    # Run candidates although root, bubblewrap or cgroups are missing: NO isolation beyond rlimits and the
+    # audit hook. Off by default: without it such a machine refuses to execute (an "error" verdict, the reason
+    # in ``detail``).
+    unsafe_allow_unisolated: bool = False
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "call_timeout_s", "load_timeout_s", "startup_grace_s"):
@@ -200,16 +184,24 @@ class SandboxResult:
 class SandboxCapabilities:
     """What this machine allows; probed once per process (:func:`capabilities`)."""
 
-    root: bool  # uid switch, per-uid process limit and kill sweep (layer 1)
-    netns: bool  # network namespace (layer 2)
-    mountns: bool  # mount namespace with private tmpfs and hidden paths (layer 2)
-    child_python: str  # interpreter the candidate runs (readable and executable by the sandbox uid)
+    root: bool  # uid switch, cgroup creation, per-uid process limit
+    bwrap: str | None  # bubblewrap binary that started a sandboxed interpreter as a sandbox uid, else None
+    cgroup_version: int | None  # 1 (memory + pids + freezer hierarchies) or 2 (unified), else None
+    child_python: str  # interpreter the candidate runs (under /usr, so it exists in the minimal root)
+    missing: tuple[str, ...] = ()  # why full isolation is unavailable (empty when it is)
+
+    @property
+    def isolated(self) -> bool:
+        return not self.missing
 
 
 # ----------------------------------------------------------------------------------------- capabilities probe
 
 _CAPS: SandboxCapabilities | None = None
 _CAPS_LOCK = threading.Lock()
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_V1_CONTROLLERS = ("memory", "pids", "freezer")
+_CGROUP_PARENT = "shapegrpo-sandbox"
 
 
 def capabilities() -> SandboxCapabilities:
@@ -221,53 +213,43 @@ def capabilities() -> SandboxCapabilities:
         return _CAPS
 
 
+def _cgroup_version() -> int | None:
+    if os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
+        with open(os.path.join(CGROUP_ROOT, "cgroup.controllers")) as f:
+            have = set(f.read().split())
+        return 2 if {"memory", "pids"} <= have else None
+    if all(os.path.isdir(os.path.join(CGROUP_ROOT, c)) for c in CGROUP_V1_CONTROLLERS):
+        return 1
+    return None
+
+
 def _probe_capabilities() -> SandboxCapabilities:
-    root = os.geteuid() == 0
-    netns = mountns = False
-    if root:
-        proc = subprocess.run(
-            [sys.executable, "-I", "-S", "-B", referee.__file__, "--probe"],
-            capture_output=True,
-            timeout=60,
-            env=_referee_env(),
-            cwd="/",
-            check=False,
-        )
-        if proc.returncode == 0:
-            found = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-            netns, mountns = bool(found["netns"]), bool(found["mountns"])
-    return SandboxCapabilities(root, netns, mountns, _find_child_python(root))
-
-
-def _python_candidates() -> list[str]:
     import shutil
 
-    found = [
-        getattr(sys, "_base_executable", "") or "",
-        sys.executable,
-        shutil.which("python3") or "",
-        "/usr/bin/python3",
-        "/usr/local/bin/python3",
-    ]
-    out: list[str] = []
-    for p in found:
-        if p and os.path.exists(p) and os.path.realpath(p) not in out:
-            out.append(os.path.realpath(p))
-    return out
-
-
-def _find_child_python(root: bool) -> str:
-    """An interpreter the sandbox uid can execute with its standard library (a root-only pyenv under /root,
-    say, is not), checked by running it as a sandbox uid."""
+    root = os.geteuid() == 0
+    missing: list[str] = []
     if not root:
-        return os.path.realpath(sys.executable)
-    with _UidLease() as uid:
-        for py in _python_candidates():
-            if not os.access(py, os.X_OK):
-                continue
+        missing.append("not root (no uid switch, no cgroups)")
+    version = _cgroup_version() if root else None
+    if root and version is None:
+        missing.append("no usable cgroup v1 (memory, pids, freezer) or v2 (memory, pids) hierarchy")
+    if root and version is not None:
+        try:
+            _remove_cgroup(_make_cgroup(SandboxLimits(), version))
+        except OSError as e:
+            missing.append(f"cannot create a cgroup: {e}")
+            version = None
+    bwrap = shutil.which("bwrap")
+    child = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else os.path.realpath(sys.executable)
+    if bwrap is None:
+        missing.append("bubblewrap (bwrap) not installed: apt-get install bubblewrap")
+    elif root:
+        with _UidLease() as uid:
+            spec = {"bwrap": bwrap, "limits": {"tmpfs_bytes": 1 << 20, "hidden_paths": ()}}
             try:
+                probe = [child, "-s", "-S", "-B", "-c", "import json, os, struct, sys"]
                 r = subprocess.run(
-                    [py, "-s", "-S", "-B", "-c", "import json, os, struct, sys"],
+                    referee.bwrap_command(spec, probe),
                     user=uid,
                     group=uid,
                     extra_groups=[],
@@ -277,11 +259,86 @@ def _find_child_python(root: bool) -> str:
                     cwd="/",
                     check=False,
                 )
-            except PermissionError:  # e.g. under a directory the uid cannot traverse
+                if r.returncode != 0:
+                    missing.append(f"bwrap cannot start {child} as a sandbox uid: {r.stderr[-300:]!r}")
+                    bwrap = None
+            except (OSError, subprocess.SubprocessError) as e:
+                missing.append(f"bwrap failed: {e}")
+                bwrap = None
+    return SandboxCapabilities(root, bwrap, version, child, tuple(missing))
+
+
+# ------------------------------------------------------------------------------------------ cgroup per run
+
+
+def _make_cgroup(limits: SandboxLimits, version: int) -> list[str]:
+    """Create the candidate's cgroup(s) with the memory and process caps; their directories."""
+    name = f"c{os.getpid()}-{threading.get_ident()}-{random.SystemRandom().getrandbits(48):012x}"
+    dirs: list[str] = []
+    try:
+        if version == 2:
+            parent = os.path.join(CGROUP_ROOT, _CGROUP_PARENT)
+            os.makedirs(parent, exist_ok=True)
+            _write_file(os.path.join(CGROUP_ROOT, "cgroup.subtree_control"), "+memory +pids")
+            _write_file(os.path.join(parent, "cgroup.subtree_control"), "+memory +pids")
+            d = os.path.join(parent, name)
+            os.mkdir(d)
+            dirs.append(d)
+            _write_file(os.path.join(d, "memory.max"), str(limits.memory_bytes))
+            if os.path.exists(os.path.join(d, "memory.swap.max")):
+                _write_file(os.path.join(d, "memory.swap.max"), "0")
+            _write_file(os.path.join(d, "pids.max"), str(limits.max_processes))
+            return dirs
+        for ctrl in CGROUP_V1_CONTROLLERS:
+            d = os.path.join(CGROUP_ROOT, ctrl, _CGROUP_PARENT, name)
+            os.makedirs(d)
+            dirs.append(d)
+        mem, pids = dirs[0], dirs[1]
+        # RAM, page cache, tmpfs, SysV shm and memfd pages are all charged to the memory cgroup.
+        _write_file(os.path.join(mem, "memory.limit_in_bytes"), str(limits.memory_bytes))
+        if os.path.exists(os.path.join(mem, "memory.memsw.limit_in_bytes")):
+            _write_file(os.path.join(mem, "memory.memsw.limit_in_bytes"), str(limits.memory_bytes))
+        _write_file(os.path.join(pids, "pids.max"), str(limits.max_processes))
+        return dirs
+    except OSError:
+        _remove_cgroup(dirs)
+        raise
+
+
+def _write_file(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _memory_peak(dirs: list[str]) -> int | None:
+    for d in dirs:
+        for name in ("memory.max_usage_in_bytes", "memory.peak"):
+            try:
+                with open(os.path.join(d, name)) as f:
+                    return int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
                 continue
-            if r.returncode == 0:
-                return py
-    raise RuntimeError(f"no Python interpreter usable by an unprivileged uid among {_python_candidates()}")
+    return None
+
+
+def _remove_cgroup(dirs: list[str]) -> bool:
+    """Kill everything in the cgroup (freeze, SIGKILL, thaw) and remove it; True when it is gone."""
+    if not dirs:
+        return True
+    empty = referee.kill_cgroup(dirs)
+    gone = True
+    for d in dirs:
+        for _ in range(200):
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:  # EBUSY: a member is still exiting
+                time.sleep(0.005)
+        else:
+            gone = False
+    return empty and gone
 
 
 # -------------------------------------------------------------------------------------------------- uid lease
@@ -333,17 +390,37 @@ def _referee_env() -> dict[str, str]:
 
 
 def run_job(job: SandboxJob, limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run one candidate against its checker in the sandbox; never raises for anything the candidate does."""
+    """Run one candidate against its checker in the sandbox. Never raises: anything that goes wrong, in the
+    candidate or in the sandbox itself (no cgroup, no bwrap, a failed launch, a stuck teardown), is a
+    recorded failed candidate -- "timeout" or "error" with the reason in ``detail``."""
     limits = limits or SandboxLimits()
     n = job.num_units
     if n == 0:
         return SandboxResult("ok", (), ())
-    caps = capabilities()
     start = time.monotonic()
+    try:
+        return _run_job(job, limits, start)
+    except Exception as e:  # noqa: BLE001 -- an infrastructure failure is a recorded verdict, not a crash
+        detail = f"sandbox failure: {type(e).__name__}: {e}"[:2000]
+        return SandboxResult("error", (False,) * n, ("error",) * n, None, detail, time.monotonic() - start)
+
+
+def _run_job(job: SandboxJob, limits: SandboxLimits, start: float) -> SandboxResult:
     import secrets
     import tempfile
 
+    n = job.num_units
+    caps = capabilities()
+    if caps.missing and not limits.unsafe_allow_unisolated:
+        detail = (
+            "refused to execute untrusted code without isolation: "
+            + "; ".join(caps.missing)
+            + " (SandboxLimits.unsafe_allow_unisolated=True runs it anyway, unisolated)"
+        )
+        return SandboxResult("error", (False,) * n, ("refused",) * n, None, detail, 0.0)
+    isolated = not caps.missing
     nonce = secrets.token_hex(16)
+    cgroups: list[str] = []
     with (
         _UidLease() as uid,
         tempfile.TemporaryDirectory(prefix="shapegrpo-sbx-", ignore_cleanup_errors=True) as wd,
@@ -351,8 +428,9 @@ def run_job(job: SandboxJob, limits: SandboxLimits | None = None) -> SandboxResu
         if uid is not None:
             os.chown(wd, uid, uid)
             os.chmod(wd, 0o700)
-        netns = limits.isolate_network and caps.netns
-        blocked = GUARDED_EVENTS if limits.audit_hook else (() if netns else SOCKET_EVENTS)
+        if caps.cgroup_version is not None:
+            cgroups = _make_cgroup(limits, caps.cgroup_version)
+        blocked = GUARDED_EVENTS if limits.audit_hook else (() if isolated else SOCKET_EVENTS)
         spec = {
             "nonce": nonce,
             "program": job.program,
@@ -365,17 +443,22 @@ def run_job(job: SandboxJob, limits: SandboxLimits | None = None) -> SandboxResu
             "workdir": wd,
             "child_python": caps.child_python,
             "limits": asdict(limits) | {"cpu_s": limits.cpu_seconds},
-            "netns": netns,
-            "mountns": limits.isolate_mounts and caps.mountns,
+            "bwrap": caps.bwrap if isolated else None,
+            "cgroups": cgroups,
             "blocked_events": list(blocked),
         }
-        status, detail, record = _run_referee(spec, limits, start)
-        if uid is not None and not (record or {}).get("swept"):
-            _sweep_uid_from_scorer(uid, caps.child_python)
+        try:
+            status, detail, record = _run_referee(spec, limits, start)
+        finally:
+            peak = _memory_peak(cgroups)
+            clean = _remove_cgroup(cgroups)
+        if not clean:
+            status, detail, record = "error", f"candidate cgroup not empty after kill: {cgroups}", None
     wall = time.monotonic() - start
-    if status != "ok":
+    if status != "ok" or record is None:
         return SandboxResult(status, (False,) * n, (status,) * n, None, detail, wall, uid)
     units = record["units"]
+    isolation = dict(record.get("isolation", {})) | {"memory_peak_bytes": peak}
     return SandboxResult(
         "ok",
         tuple(bool(u[0]) for u in units),
@@ -384,7 +467,7 @@ def run_job(job: SandboxJob, limits: SandboxLimits | None = None) -> SandboxResu
         detail,
         wall,
         uid,
-        dict(record.get("isolation", {})),
+        isolation,
     )
 
 
@@ -475,30 +558,6 @@ def _parse_record(out: bytes, nonce: str, num_units: int) -> dict | None:
         if type(u) is not list or len(u) != 2 or type(u[0]) is not bool or type(u[1]) is not str:
             return None
     return record
-
-
-def _sweep_uid_from_scorer(uid: int, child_python: str) -> None:
-    """Kill every process of ``uid`` (when the referee could not, e.g. it was killed at the deadline)."""
-    subprocess.run(
-        [
-            child_python,
-            "-s",
-            "-S",
-            "-B",
-            "-c",
-            "import os\ntry:\n    os.kill(-1, 9)\nexcept OSError:\n    pass",
-        ],
-        user=uid,
-        group=uid,
-        extra_groups=[],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=candidate_env("/", 0),
-        cwd="/",
-        timeout=60,
-        check=False,
-    )
 
 
 def run_jobs(
