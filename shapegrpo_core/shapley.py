@@ -73,6 +73,43 @@ def _increment_shares(num_players: int) -> np.ndarray:
     return m
 
 
+# The sort carries each player's index in the low mantissa bits of its gain (see _sorted_order); this many
+# index bits at most, so that the order is exact for all but values within 2^-(52 - bits) of each other.
+_MAX_INDEX_BITS = 16
+
+
+def _sorted_order(gains: np.ndarray) -> np.ndarray:
+    """Flat indices (R·K,) into ``gains.ravel()`` that list each row of gains (R, K), y >= 0, ascending.
+
+    One in-place integer sort instead of an argsort (about 2x the cost of a sort): for y >= 0 the int64 view
+    of a float64 is ordered like the float, so replacing its low ``bits`` mantissa bits by the column index
+    and sorting the integers yields the permutation directly. Two gains that differ only in those low bits
+    may come out swapped; the caller checks the gathered values are non-decreasing and re-sorts any such
+    row exactly (``_fix_unsorted_rows``), so the result is always a true ascending order.
+    """
+    num_rows, k = gains.shape
+    bits = max(1, (k - 1).bit_length())
+    if bits > _MAX_INDEX_BITS:
+        order = np.argsort(gains, axis=1)  # (R, K)
+    else:
+        order = np.bitwise_and(gains.view(np.int64), np.int64(-(1 << bits)))  # (R, K): value bits only
+        order |= np.arange(k, dtype=np.int64)  # column index in the cleared low bits
+        order.sort(axis=1)
+        order &= (1 << bits) - 1  # -> the column of the j-th smallest gain
+    order += np.arange(0, num_rows * k, k, dtype=np.int64)[:, None]  # -> flat indices
+    return order.ravel()
+
+
+def _fix_unsorted_rows(gains: np.ndarray, flat: np.ndarray, sorted_gains: np.ndarray) -> None:
+    """Re-sort exactly (argsort) the rows whose gathered gains are not non-decreasing; in place."""
+    num_rows, k = gains.shape
+    rows = np.flatnonzero((np.diff(sorted_gains.reshape(num_rows, k), axis=1) < 0).any(axis=1))
+    if rows.size:
+        order = np.argsort(gains[rows], axis=1) + (rows * k)[:, None]  # (r, K) flat indices
+        flat.reshape(num_rows, k)[rows] = order
+        sorted_gains.reshape(num_rows, k)[rows] = gains.ravel()[order]
+
+
 def shapley_max_games(gains: np.ndarray) -> np.ndarray:
     """Shapley values of R independent max games U(S) = max(0, max_{j∈S} y_j); gains (R, K), y >= 0 -> (R, K).
 
@@ -84,16 +121,19 @@ def shapley_max_games(gains: np.ndarray) -> np.ndarray:
     num_rows, k = gains.shape
     if k == 0 or num_rows == 0:
         return np.zeros((num_rows, k))
+    y = np.ascontiguousarray(gains, dtype=np.float64)
+    flat = _sorted_order(y)  # (R·K,) flat indices, row after row
     # Two float buffers, reused: each fresh (R·K,) array costs page faults comparable to the arithmetic.
-    order = np.argsort(gains, axis=1)  # (R, K) ascending
-    order += np.arange(0, num_rows * k, k)[:, None]  # -> flat indices into gains.ravel()
-    flat = order.ravel()
-    sorted_gains = np.take(np.ascontiguousarray(gains).ravel(), flat)  # (R·K,) row after row
+    sorted_gains = np.take(y.ravel(), flat)  # (R·K,) row after row, exact values
     # Increments v_j − v_{j−1}: one contiguous subtraction over the flat array, then fix each row's first
     # entry (v_{−1} = 0). Exact differences keep ties and floor players at exactly equal / zero credit.
     inc = np.empty_like(sorted_gains)
     np.subtract(sorted_gains[1:], sorted_gains[:-1], out=inc[1:])
     inc[::k] = sorted_gains[::k]
+    if inc.min() < 0:  # a row out of order (near-equal gains swapped by the packed sort), or negative gains
+        _fix_unsorted_rows(y, flat, sorted_gains)
+        np.subtract(sorted_gains[1:], sorted_gains[:-1], out=inc[1:])
+        inc[::k] = sorted_gains[::k]
     credit_sorted = sorted_gains.reshape(num_rows, k)  # reuse the buffer: the gains are no longer needed
     if k <= _MATMUL_MAX_PLAYERS:
         np.matmul(inc.reshape(num_rows, k), _increment_shares(k), out=credit_sorted)
