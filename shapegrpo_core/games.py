@@ -53,12 +53,38 @@ def coalition_matrix(num_players: int) -> np.ndarray:
     return out
 
 
+def _is_frozen(arr: np.ndarray) -> bool:
+    """True if ``arr`` and every array it views are read-only and own no writable memory.
+
+    Such an array cannot change under a game that shares it (short of someone re-enabling writes on purpose),
+    so a game may keep it without a private copy: other games' fields, and the copies our own constructors
+    already made, are never copied twice.
+    """
+    a: object = arr
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return False
+        a = a.base
+    return a is None
+
+
 def _float_array(name: str, x: object) -> np.ndarray:
+    """A float64 array of ``x`` that nobody else can write: a private copy unless ``x`` already is frozen."""
+    if isinstance(x, np.ndarray) and x.dtype == np.float64 and _is_frozen(x):
+        return x
     try:
-        arr = np.array(x, dtype=np.float64)  # always a private copy: games are immutable
+        arr = np.array(x, dtype=np.float64)  # a private copy: games are immutable
     except (TypeError, ValueError) as err:
         raise ValueError(f"{name} must be numeric, got {type(x).__name__}: {err}") from err
     return arr
+
+
+def _finite_range(arr: np.ndarray) -> tuple[float, float] | None:
+    """(min, max) of ``arr`` if every entry is finite, else None; one reduction each (min/max propagate NaN)."""
+    if arr.size == 0:
+        return (0.0, 0.0)
+    lo, hi = float(arr.min()), float(arr.max())
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
 
 
 def _mask_array(mask: object, shape: tuple[int, ...]) -> np.ndarray:
@@ -132,20 +158,24 @@ class SumOfMaxGame:
         if s.ndim not in (2, 3):
             raise ValueError(f"scores must have shape (T, K) or (B, T, K), got {s.shape}")
         batch, num_players = s.shape[:-2], s.shape[-1]
-        w = _float_array("weights", np.ones(s.shape[:-1]) if self.weights is None else self.weights)
-        b = _float_array("floors", np.zeros(s.shape[:-1]) if self.floors is None else self.floors)
+        default_weights, default_floors = self.weights is None, self.floors is None
+        w = np.ones(s.shape[:-1]) if default_weights else _float_array("weights", self.weights)
+        b = np.zeros(s.shape[:-1]) if default_floors else _float_array("floors", self.floors)
         for name, arr in (("weights", w), ("floors", b)):
             if arr.shape != s.shape[:-1]:
                 raise ValueError(
                     f"{name} has shape {arr.shape}, expected {s.shape[:-1]} (scores are {s.shape})"
                 )
-            if not np.isfinite(arr).all():
+            if _finite_range(arr) is None:
                 raise ValueError(f"{name} must be finite")
         if (w < 0).any():
             raise ValueError("weights must be >= 0 (a negative weight would reward *removing* value)")
         mask = _mask_array(self.mask, (*batch, num_players))
-        present_scores = s if mask.all() else np.where(mask[..., None, :], s, 0.0)
-        if not np.isfinite(present_scores).all():
+        all_present = self.mask is None or bool(mask.all())
+        # One min and one max over the scores check finiteness and give the sign; masked scores may be
+        # padding (NaN included), so with absent players only the present ones are checked.
+        score_range = _finite_range(s if all_present else s[np.broadcast_to(mask[..., None, :], s.shape)])
+        if score_range is None:
             raise ValueError("scores of present candidates must be finite (NaN/inf found)")
         object.__setattr__(self, "scores", _readonly(s))
         object.__setattr__(self, "weights", _readonly(w))
@@ -153,11 +183,11 @@ class SumOfMaxGame:
         object.__setattr__(self, "mask", mask)
         # Flags that let gains() skip whole-array passes in the common case (no floor, unit weights, no
         # padding): the closed form on a batch of best-of-set games is only a few passes over the scores.
-        object.__setattr__(self, "_zero_floors", bool((b == 0).all()))
-        object.__setattr__(self, "_unit_weights", bool((w == 1).all()))
-        object.__setattr__(self, "_all_present", bool(mask.all()))
-        gains_are_scores = self._zero_floors and self._unit_weights and self._all_present
-        object.__setattr__(self, "_gains_are_scores", gains_are_scores and bool((s >= 0).all()))
+        object.__setattr__(self, "_zero_floors", default_floors or bool((b == 0).all()))
+        object.__setattr__(self, "_unit_weights", default_weights or bool((w == 1).all()))
+        object.__setattr__(self, "_all_present", all_present)
+        gains_are_scores = self._zero_floors and self._unit_weights and all_present
+        object.__setattr__(self, "_gains_are_scores", gains_are_scores and score_range[0] >= 0)
 
     # ---- interface -------------------------------------------------------------------------------
 
@@ -241,7 +271,8 @@ def best_of_set(
     if u.ndim not in (1, 2):
         raise ValueError(f"utilities must have shape (K,) or (B, K), got {u.shape}")
     b = _per_row("floor", floor, u.shape[:-1], 0.0)
-    return SumOfMaxGame(scores=u[..., None, :], floors=b[..., None], mask=mask)
+    # Frozen private arrays: SumOfMaxGame keeps these views instead of copying the scores a second time.
+    return SumOfMaxGame(scores=_readonly(u)[..., None, :], floors=_readonly(b)[..., None], mask=mask)
 
 
 def coverage(
