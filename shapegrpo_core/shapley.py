@@ -82,6 +82,20 @@ _MAX_INDEX_BITS = 16
 _KERNEL_CHUNK_ELEMENTS = 1 << 15
 
 
+@functools.lru_cache(maxsize=16)
+def _chunk_patterns(num_rows: int, num_players: int) -> tuple[np.ndarray, np.ndarray]:
+    """(column index, row offset) of every entry of a flat (R·K,) chunk, read-only int64.
+
+    Full-length operands instead of broadcast (K,) / (R, 1) ones: numpy then runs one contiguous inner loop
+    over the chunk rather than one short loop per row.
+    """
+    columns = np.tile(np.arange(num_players, dtype=np.int64), num_rows)
+    offsets = np.repeat(np.arange(0, num_rows * num_players, num_players, dtype=np.int64), num_players)
+    columns.setflags(write=False)
+    offsets.setflags(write=False)
+    return columns, offsets
+
+
 def _sort_rows(gains: np.ndarray, flat: np.ndarray) -> None:
     """Write into ``flat`` (R·K,) the flat indices into ``gains.ravel()`` listing each row of gains (R, K) ascending.
 
@@ -92,16 +106,16 @@ def _sort_rows(gains: np.ndarray, flat: np.ndarray) -> None:
     such rows exactly (``_fix_unsorted_rows``), so the result is always a true ascending order.
     """
     num_rows, k = gains.shape
-    keys = flat.reshape(num_rows, k)
+    columns, offsets = _chunk_patterns(num_rows, k)
     bits = max(1, (k - 1).bit_length())
     if bits > _MAX_INDEX_BITS:
-        keys[...] = np.argsort(gains, axis=1)
+        flat.reshape(num_rows, k)[...] = np.argsort(gains, axis=1)
     else:
-        np.bitwise_and(gains.view(np.int64), np.int64(-(1 << bits)), out=keys)  # value bits only
-        keys |= np.arange(k, dtype=np.int64)  # the column index in the cleared low bits
-        keys.sort(axis=1)
-        keys &= (1 << bits) - 1  # -> the column of the j-th smallest gain
-    keys += np.arange(0, num_rows * k, k, dtype=np.int64)[:, None]  # -> flat indices
+        np.bitwise_and(gains.view(np.int64).reshape(-1), np.int64(-(1 << bits)), out=flat)  # value bits only
+        flat |= columns  # the column index in the cleared low bits
+        flat.reshape(num_rows, k).sort(axis=1)
+        flat &= (1 << bits) - 1  # -> the column of the j-th smallest gain
+    flat += offsets  # -> flat indices
 
 
 def _fix_unsorted_rows(gains: np.ndarray, flat: np.ndarray, sorted_gains: np.ndarray) -> None:
