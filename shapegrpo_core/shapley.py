@@ -59,20 +59,6 @@ def _zero_absent(phi: np.ndarray, game: Game) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-# Up to this many players the running sum over sorted positions is one small matrix product (O(K^2) per row,
-# but BLAS-fast); beyond it, a scaled cumsum (O(K) per row, and numpy's per-row overhead is amortised).
-_MATMUL_MAX_PLAYERS = 32
-
-
-@functools.lru_cache(maxsize=64)
-def _increment_shares(num_players: int) -> np.ndarray:
-    """M (K, K) with M[j, k] = 1/(K − j) for j <= k, else 0: (d @ M)_k = sum_{j<=k} d_j / (K − j)."""
-    k = num_players
-    m = np.triu(np.ones((k, k))) / (k - np.arange(k, dtype=np.float64))[:, None]
-    m.setflags(write=False)
-    return m
-
-
 # The sort carries each player's index in the low mantissa bits of its gain (see _sort_rows); this many
 # index bits at most, so that the order is exact for all but values within 2^-(52 - bits) of each other.
 _MAX_INDEX_BITS = 16
@@ -118,20 +104,26 @@ def _sort_rows(gains: np.ndarray, flat: np.ndarray) -> None:
     flat += offsets  # -> flat indices
 
 
-def _fix_unsorted_rows(gains: np.ndarray, flat: np.ndarray, sorted_gains: np.ndarray) -> None:
-    """Re-sort exactly (argsort) the rows whose gathered gains are not non-decreasing; in place."""
-    num_rows, k = gains.shape
-    rows = np.flatnonzero((np.diff(sorted_gains.reshape(num_rows, k), axis=1) < 0).any(axis=1))
-    if rows.size:
-        order = np.argsort(gains[rows], axis=1) + (rows * k)[:, None]  # (r, K) flat indices
-        flat.reshape(num_rows, k)[rows] = order
-        sorted_gains.reshape(num_rows, k)[rows] = gains.ravel()[order]
+def _fix_unsorted_rows(gains: np.ndarray, flat: np.ndarray, sorted_gains: np.ndarray, rows: np.ndarray) -> None:
+    """Re-sort ``rows`` exactly (argsort): their packed-key order swapped near-equal gains; in place."""
+    k = gains.shape[1]
+    order = np.argsort(gains[rows], axis=1) + (rows * k)[:, None]  # (r, K) flat indices
+    flat.reshape(-1, k)[rows] = order
+    sorted_gains.reshape(-1, k)[rows] = gains.ravel()[order]
+
+
+@functools.lru_cache(maxsize=16)
+def _shares(num_rows: int, num_players: int) -> np.ndarray:
+    """(R·K,): K − j at sorted position j of every row, the number of players sharing that increment."""
+    out = np.tile(num_players - np.arange(num_players, dtype=np.float64), num_rows)
+    out.setflags(write=False)
+    return out
 
 
 def _increments(sorted_gains: np.ndarray, k: int, out: np.ndarray) -> None:
-    """v_j − v_{j−1} along each row of the flat sorted gains, with v_{−1} = 0."""
-    # One contiguous subtraction over the flat array, then fix each row's first entry. Exact differences
-    # keep ties and floor players at exactly equal / zero credit.
+    """v_j − v_{j−1} along each row of the flat sorted gains (R·K,), with v_{−1} = 0."""
+    # One contiguous subtraction over the flat array, then each row's first entry. Exact differences keep
+    # ties and floor players at exactly equal / zero credit.
     np.subtract(sorted_gains[1:], sorted_gains[:-1], out=out[1:])
     out[::k] = sorted_gains[::k]
 
@@ -140,18 +132,21 @@ def _max_games_chunk(y: np.ndarray, out: np.ndarray, flat: np.ndarray, sv: np.nd
     """Shapley values of the max games y (n, K) into out (n, K); flat, sv, inc: scratch of n·K entries."""
     n, k = y.shape
     _sort_rows(y, flat)
-    np.take(y.ravel(), flat, out=sv, mode="clip")  # exact sorted gains; indices are in range by construction
+    np.take(y.ravel(), flat, out=sv, mode="clip")  # exact sorted gains; indices in range by construction
     _increments(sv, k, inc)
-    if inc.min() < 0:  # a row out of order (near-equal gains swapped by the packed sort), or negative gains
-        _fix_unsorted_rows(y, flat, sv)
+    inc_2d = inc.reshape(n, k)
+    if k > 1 and inc_2d[:, 1:].min() < 0:  # near-equal gains swapped by the packed sort, or negative gains
+        _fix_unsorted_rows(y, flat, sv, np.flatnonzero((inc_2d[:, 1:] < 0).any(axis=1)))
         _increments(sv, k, inc)
-    credit_sorted = sv.reshape(n, k)  # reuse the buffer: the sorted gains are no longer needed
-    if k <= _MATMUL_MAX_PLAYERS:
-        np.matmul(inc.reshape(n, k), _increment_shares(k), out=credit_sorted)
-    else:
-        inc.reshape(n, k)[...] /= k - np.arange(k, dtype=np.float64)
-        np.cumsum(inc.reshape(n, k), axis=1, out=credit_sorted)
-    out.reshape(-1)[flat] = sv  # scatter back: player order[r, j] gets credit_sorted[r, j]
+    inc /= _shares(n, k)  # the K − j players at least as good share the increment at position j equally
+    # Running sum over positions, one column at a time: the same additions in the same order for every game
+    # whatever the chunk or batch (a matrix product would not: BLAS rounds edge rows differently), and no
+    # per-row inner loop (np.cumsum along a short axis is several times slower).
+    credit = sv.reshape(n, k)  # reuse the buffer: the sorted gains are no longer needed
+    credit[:, 0] = inc_2d[:, 0]
+    for j in range(1, k):
+        np.add(credit[:, j - 1], inc_2d[:, j], out=credit[:, j])
+    out.reshape(-1)[flat] = sv  # scatter back: the player at sorted position j gets credit[:, j]
 
 
 def shapley_max_games(gains: np.ndarray) -> np.ndarray:
