@@ -135,9 +135,14 @@ def _max_games_chunk(y: np.ndarray, out: np.ndarray, flat: np.ndarray, sv: np.nd
     np.take(y.ravel(), flat, out=sv, mode="clip")  # exact sorted gains; indices in range by construction
     _increments(sv, k, inc)
     inc_2d = inc.reshape(n, k)
-    if k > 1 and inc_2d[:, 1:].min() < 0:  # near-equal gains swapped by the packed sort, or negative gains
-        _fix_unsorted_rows(y, flat, sv, np.flatnonzero((inc_2d[:, 1:] < 0).any(axis=1)))
-        _increments(sv, k, inc)
+    # One contiguous min over all increments (each row's first entry is its smallest gain, >= 0 for y >= 0);
+    # only if it is negative, find the rows that are out of order: near-equal gains swapped by the packed
+    # sort (rare), or rows with more than one negative gain (outside the documented y >= 0).
+    if inc.min() < 0:
+        bad = np.flatnonzero((inc_2d[:, 1:] < 0).any(axis=1))
+        if bad.size:
+            _fix_unsorted_rows(y, flat, sv, bad)
+            _increments(sv, k, inc)
     inc /= _shares(n, k)  # the K − j players at least as good share the increment at position j equally
     # Running sum over positions, one column at a time: the same additions in the same order for every game
     # whatever the chunk or batch (a matrix product would not: BLAS rounds edge rows differently), and no
