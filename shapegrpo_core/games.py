@@ -80,11 +80,23 @@ def _float_array(name: str, x: object) -> np.ndarray:
 
 
 def _finite_range(arr: np.ndarray) -> tuple[float, float] | None:
-    """(min, max) of ``arr`` if every entry is finite, else None; one reduction each (min/max propagate NaN)."""
+    """(min, max) of ``arr`` if all entries are finite, else None; one reduction each (they propagate NaN)."""
     if arr.size == 0:
         return (0.0, 0.0)
     lo, hi = float(arr.min()), float(arr.max())
     return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
+
+
+def _target_array(name: str, x: object, scores_shape: tuple[int, ...]) -> np.ndarray:
+    """Per-target weights or floors: finite, of shape ``scores_shape[:-1]``."""
+    arr = _float_array(name, x)
+    if arr.shape != scores_shape[:-1]:
+        raise ValueError(
+            f"{name} has shape {arr.shape}, expected {scores_shape[:-1]} (scores are {scores_shape})"
+        )
+    if _finite_range(arr) is None:
+        raise ValueError(f"{name} must be finite")
+    return arr
 
 
 def _mask_array(mask: object, shape: tuple[int, ...]) -> np.ndarray:
@@ -159,16 +171,10 @@ class SumOfMaxGame:
             raise ValueError(f"scores must have shape (T, K) or (B, T, K), got {s.shape}")
         batch, num_players = s.shape[:-2], s.shape[-1]
         default_weights, default_floors = self.weights is None, self.floors is None
-        w = np.ones(s.shape[:-1]) if default_weights else _float_array("weights", self.weights)
-        b = np.zeros(s.shape[:-1]) if default_floors else _float_array("floors", self.floors)
-        for name, arr in (("weights", w), ("floors", b)):
-            if arr.shape != s.shape[:-1]:
-                raise ValueError(
-                    f"{name} has shape {arr.shape}, expected {s.shape[:-1]} (scores are {s.shape})"
-                )
-            if _finite_range(arr) is None:
-                raise ValueError(f"{name} must be finite")
-        if (w < 0).any():
+        # Defaults need no checks (and no passes over them): unit weights, zero floors.
+        w = np.ones(s.shape[:-1]) if default_weights else _target_array("weights", self.weights, s.shape)
+        b = np.zeros(s.shape[:-1]) if default_floors else _target_array("floors", self.floors, s.shape)
+        if not default_weights and (w < 0).any():
             raise ValueError("weights must be >= 0 (a negative weight would reward *removing* value)")
         mask = _mask_array(self.mask, (*batch, num_players))
         all_present = self.mask is None or bool(mask.all())
@@ -270,9 +276,11 @@ def best_of_set(
     u = _float_array("utilities", utilities)
     if u.ndim not in (1, 2):
         raise ValueError(f"utilities must have shape (K,) or (B, K), got {u.shape}")
-    b = _per_row("floor", floor, u.shape[:-1], 0.0)
-    # Frozen private arrays: SumOfMaxGame keeps these views instead of copying the scores a second time.
-    return SumOfMaxGame(scores=_readonly(u)[..., None, :], floors=_readonly(b)[..., None], mask=mask)
+    # The default floor is SumOfMaxGame's default: no per-row floor array to build and check.
+    no_floor = isinstance(floor, (int, float)) and floor == 0
+    b = None if no_floor else _readonly(_per_row("floor", floor, u.shape[:-1], 0.0))[..., None]
+    # A frozen private copy: SumOfMaxGame keeps this view instead of copying the scores a second time.
+    return SumOfMaxGame(scores=_readonly(u)[..., None, :], floors=b, mask=mask)
 
 
 def coverage(

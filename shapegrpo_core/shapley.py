@@ -83,7 +83,7 @@ def _chunk_patterns(num_rows: int, num_players: int) -> tuple[np.ndarray, np.nda
 
 
 def _sort_rows(gains: np.ndarray, flat: np.ndarray) -> None:
-    """Write into ``flat`` (R·K,) the flat indices into ``gains.ravel()`` listing each row of gains (R, K) ascending.
+    """Write into ``flat`` (R·K,) the flat indices into ``gains.ravel()`` that list each row (R, K) ascending.
 
     One in-place integer sort instead of an argsort (about twice the cost of a sort): for y >= 0 the int64
     view of a float64 is ordered like the float, so replacing its low ``bits`` mantissa bits by the column
@@ -104,7 +104,9 @@ def _sort_rows(gains: np.ndarray, flat: np.ndarray) -> None:
     flat += offsets  # -> flat indices
 
 
-def _fix_unsorted_rows(gains: np.ndarray, flat: np.ndarray, sorted_gains: np.ndarray, rows: np.ndarray) -> None:
+def _fix_unsorted_rows(
+    gains: np.ndarray, flat: np.ndarray, sorted_gains: np.ndarray, rows: np.ndarray
+) -> None:
     """Re-sort ``rows`` exactly (argsort): their packed-key order swapped near-equal gains; in place."""
     k = gains.shape[1]
     order = np.argsort(gains[rows], axis=1) + (rows * k)[:, None]  # (r, K) flat indices
@@ -128,7 +130,9 @@ def _increments(sorted_gains: np.ndarray, k: int, out: np.ndarray) -> None:
     out[::k] = sorted_gains[::k]
 
 
-def _max_games_chunk(y: np.ndarray, out: np.ndarray, flat: np.ndarray, sv: np.ndarray, inc: np.ndarray) -> None:
+def _max_games_chunk(
+    y: np.ndarray, out: np.ndarray, flat: np.ndarray, sv: np.ndarray, inc: np.ndarray
+) -> None:
     """Shapley values of the max games y (n, K) into out (n, K); flat, sv, inc: scratch of n·K entries."""
     n, k = y.shape
     _sort_rows(y, flat)

@@ -310,7 +310,7 @@ def hard_gains(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
 
 @pytest.mark.parametrize("k", [1, 2, 3, 8, 9, 33, 40])
 def test_max_game_kernel_fast_path_equals_general_path(k, monkeypatch):
-    """The packed-key sort, the chunking and the row fix-up give exactly what an argsort of every row gives."""
+    """Packed-key sort, chunking and row fix-up give exactly what an argsort of every row gives."""
     import shapegrpo_core.shapley as shapley_module
 
     gains = hard_gains(np.random.default_rng(k), 300, k)
@@ -347,7 +347,7 @@ def test_max_game_kernel_negative_gains_match_general_path(monkeypatch):
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(seed=seeds, k=st.integers(1, 6), t=st.integers(1, 3), batch=st.integers(1, 4))
 def test_public_closed_form_equals_brute_force(seed, k, t, batch):
-    """shapley_values on batched games with ties, masks, floors, weights and T >= 1 vs the textbook formula."""
+    """shapley_values on batched games (ties, masks, floors, weights, T >= 1) vs the textbook formula."""
     rng = np.random.default_rng(seed)
     game = random_sum_of_max(rng, k, t=t, batch=batch, masked=True)
     bos = best_of_set(random_scores(rng, (batch, k)), floor=rng.choice([0.0, 0.5], batch), mask=game.mask)
