@@ -66,6 +66,9 @@ _MAX_INDEX_BITS = 16
 # increments, the output slice) stay in the per-core cache, where each elementwise pass is several times
 # faster than over main memory, and are reused from chunk to chunk instead of faulting in fresh pages.
 _KERNEL_CHUNK_ELEMENTS = 1 << 15
+# Up to this many players the running sum over sorted positions is a loop over columns; beyond, np.cumsum
+# along the rows is faster (both add in the same order, so the results are identical).
+_COLUMN_LOOP_MAX_PLAYERS = 48
 
 
 @functools.lru_cache(maxsize=16)
@@ -152,9 +155,12 @@ def _max_games_chunk(
     # whatever the chunk or batch (a matrix product would not: BLAS rounds edge rows differently), and no
     # per-row inner loop (np.cumsum along a short axis is several times slower).
     credit = sv.reshape(n, k)  # reuse the buffer: the sorted gains are no longer needed
-    credit[:, 0] = inc_2d[:, 0]
-    for j in range(1, k):
-        np.add(credit[:, j - 1], inc_2d[:, j], out=credit[:, j])
+    if k > _COLUMN_LOOP_MAX_PLAYERS:  # long rows: cumsum's per-row loop is amortised (same sums, same order)
+        np.cumsum(inc_2d, axis=1, out=credit)
+    else:
+        credit[:, 0] = inc_2d[:, 0]
+        for j in range(1, k):
+            np.add(credit[:, j - 1], inc_2d[:, j], out=credit[:, j])
     out.reshape(-1)[flat] = sv  # scatter back: the player at sorted position j gets credit[:, j]
 
 

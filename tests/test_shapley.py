@@ -308,7 +308,7 @@ def hard_gains(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
     return gains
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 8, 9, 33, 40])
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 9, 33, 40, 60])
 def test_max_game_kernel_fast_path_equals_general_path(k, monkeypatch):
     """Packed-key sort, chunking and row fix-up give exactly what an argsort of every row gives."""
     import shapegrpo_core.shapley as shapley_module
@@ -318,6 +318,7 @@ def test_max_game_kernel_fast_path_equals_general_path(k, monkeypatch):
     monkeypatch.setattr(shapley_module, "_KERNEL_CHUNK_ELEMENTS", 7 * k)  # 7 rows a chunk, a partial last one
     chunked = shapley_max_games(gains)
     monkeypatch.setattr(shapley_module, "_MAX_INDEX_BITS", 0)  # every row through np.argsort instead
+    monkeypatch.setattr(shapley_module, "_COLUMN_LOOP_MAX_PLAYERS", 100 if k > 48 else 1)  # the other sum
     general = shapley_max_games(gains)
     assert np.array_equal(fast, general) and np.array_equal(chunked, general)
     scale = np.maximum(np.abs(gains).max(axis=1, keepdims=True), 1e-300)  # rows span 1e-300 .. 1e300
