@@ -53,11 +53,49 @@ def coalition_matrix(num_players: int) -> np.ndarray:
     return out
 
 
+def _is_frozen(arr: np.ndarray) -> bool:
+    """True if ``arr`` and every array it views are read-only and own no writable memory.
+
+    Such an array cannot change under a game that shares it (short of someone re-enabling writes on purpose),
+    so a game may keep it without a private copy: other games' fields, and the copies our own constructors
+    already made, are never copied twice.
+    """
+    a: object = arr
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return False
+        a = a.base
+    return a is None
+
+
 def _float_array(name: str, x: object) -> np.ndarray:
+    """A float64 array of ``x`` that nobody else can write: a private copy unless ``x`` already is frozen."""
+    if isinstance(x, np.ndarray) and x.dtype == np.float64 and _is_frozen(x):
+        return x
     try:
-        arr = np.array(x, dtype=np.float64)  # always a private copy: games are immutable
+        arr = np.array(x, dtype=np.float64)  # a private copy: games are immutable
     except (TypeError, ValueError) as err:
         raise ValueError(f"{name} must be numeric, got {type(x).__name__}: {err}") from err
+    return arr
+
+
+def _finite_range(arr: np.ndarray) -> tuple[float, float] | None:
+    """(min, max) of ``arr`` if all entries are finite, else None; one reduction each (they propagate NaN)."""
+    if arr.size == 0:
+        return (0.0, 0.0)
+    lo, hi = float(arr.min()), float(arr.max())
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
+
+
+def _target_array(name: str, x: object, scores_shape: tuple[int, ...]) -> np.ndarray:
+    """Per-target weights or floors: finite, of shape ``scores_shape[:-1]``."""
+    arr = _float_array(name, x)
+    if arr.shape != scores_shape[:-1]:
+        raise ValueError(
+            f"{name} has shape {arr.shape}, expected {scores_shape[:-1]} (scores are {scores_shape})"
+        )
+    if _finite_range(arr) is None:
+        raise ValueError(f"{name} must be finite")
     return arr
 
 
@@ -102,17 +140,8 @@ def _check_coalitions(coalitions: object, num_players: int) -> np.ndarray:
 
 
 def _readonly(arr: np.ndarray) -> np.ndarray:
-    if arr.flags.writeable:
-        arr.setflags(write=False)
+    arr.setflags(write=False)
     return arr
-
-
-class _Owned(np.ndarray):
-    """A float64 array this module just copied: a game may keep it without a second private copy."""
-
-
-def _owned(arr: np.ndarray) -> _Owned:
-    return arr.view(_Owned)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,33 +166,22 @@ class SumOfMaxGame:
     mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        s = self.scores if isinstance(self.scores, _Owned) else _float_array("scores", self.scores)
-        s = np.asarray(s)
+        s = _float_array("scores", self.scores)
         if s.ndim not in (2, 3):
             raise ValueError(f"scores must have shape (T, K) or (B, T, K), got {s.shape}")
         batch, num_players = s.shape[:-2], s.shape[-1]
-        rows = s.shape[:-1]
-        # Defaults are read-only broadcasts (full shape, no memory) whose properties are known without a pass.
-        w = np.broadcast_to(1.0, rows) if self.weights is None else _float_array("weights", self.weights)
-        b = np.broadcast_to(0.0, rows) if self.floors is None else _float_array("floors", self.floors)
-        for name, arr, given in (("weights", w, self.weights), ("floors", b, self.floors)):
-            if given is None:
-                continue
-            if arr.shape != rows:
-                raise ValueError(f"{name} has shape {arr.shape}, expected {rows} (scores are {s.shape})")
-            if not np.isfinite(arr).all():
-                raise ValueError(f"{name} must be finite")
-        if self.weights is not None and (w < 0).any():
+        default_weights, default_floors = self.weights is None, self.floors is None
+        # Defaults need no checks (and no passes over them): unit weights, zero floors.
+        w = np.ones(s.shape[:-1]) if default_weights else _target_array("weights", self.weights, s.shape)
+        b = np.zeros(s.shape[:-1]) if default_floors else _target_array("floors", self.floors, s.shape)
+        if not default_weights and (w < 0).any():
             raise ValueError("weights must be >= 0 (a negative weight would reward *removing* value)")
-        if self.mask is None:
-            mask, all_present = np.broadcast_to(True, (*batch, num_players)), True
-        else:
-            mask = _mask_array(self.mask, (*batch, num_players))
-            all_present = bool(mask.all())
-        present_scores = s if all_present else np.where(mask[..., None, :], s, 0.0)
-        # min and max propagate NaN and expose inf: two reductions, no temporary array.
-        low, high = (present_scores.min(), present_scores.max()) if present_scores.size else (0.0, 0.0)
-        if not (np.isfinite(low) and np.isfinite(high)):
+        mask = _mask_array(self.mask, (*batch, num_players))
+        all_present = self.mask is None or bool(mask.all())
+        # One min and one max over the scores check finiteness and give the sign; masked scores may be
+        # padding (NaN included), so with absent players only the present ones are checked.
+        score_range = _finite_range(s if all_present else s[np.broadcast_to(mask[..., None, :], s.shape)])
+        if score_range is None:
             raise ValueError("scores of present candidates must be finite (NaN/inf found)")
         object.__setattr__(self, "scores", _readonly(s))
         object.__setattr__(self, "weights", _readonly(w))
@@ -171,15 +189,11 @@ class SumOfMaxGame:
         object.__setattr__(self, "mask", mask)
         # Flags that let gains() skip whole-array passes in the common case (no floor, unit weights, no
         # padding): the closed form on a batch of best-of-set games is only a few passes over the scores.
-        object.__setattr__(self, "_zero_floors", self.floors_given_zero(b, self.floors))
-        object.__setattr__(self, "_unit_weights", self.weights is None or bool((w == 1).all()))
+        object.__setattr__(self, "_zero_floors", default_floors or bool((b == 0).all()))
+        object.__setattr__(self, "_unit_weights", default_weights or bool((w == 1).all()))
         object.__setattr__(self, "_all_present", all_present)
         gains_are_scores = self._zero_floors and self._unit_weights and all_present
-        object.__setattr__(self, "_gains_are_scores", gains_are_scores and bool(low >= 0))
-
-    @staticmethod
-    def floors_given_zero(b: np.ndarray, given: object) -> bool:
-        return given is None or bool((b == 0).all())
+        object.__setattr__(self, "_gains_are_scores", gains_are_scores and score_range[0] >= 0)
 
     # ---- interface -------------------------------------------------------------------------------
 
@@ -262,11 +276,11 @@ def best_of_set(
     u = _float_array("utilities", utilities)
     if u.ndim not in (1, 2):
         raise ValueError(f"utilities must have shape (K,) or (B, K), got {u.shape}")
-    scores = _owned(u[..., None, :])  # the private copy above, not copied again
-    if np.ndim(floor) == 0 and float(floor) == 0.0:
-        return SumOfMaxGame(scores=scores, mask=mask)
-    b = _per_row("floor", floor, u.shape[:-1], 0.0)
-    return SumOfMaxGame(scores=scores, floors=b[..., None], mask=mask)
+    # The default floor is SumOfMaxGame's default: no per-row floor array to build and check.
+    no_floor = isinstance(floor, (int, float)) and floor == 0
+    b = None if no_floor else _readonly(_per_row("floor", floor, u.shape[:-1], 0.0))[..., None]
+    # A frozen private copy: SumOfMaxGame keeps this view instead of copying the scores a second time.
+    return SumOfMaxGame(scores=_readonly(u)[..., None, :], floors=b, mask=mask)
 
 
 def coverage(

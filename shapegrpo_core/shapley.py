@@ -59,23 +59,109 @@ def _zero_absent(phi: np.ndarray, game: Game) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-# Up to this many players the running sum over sorted positions is one small matrix product (O(K^2) per row,
-# but BLAS-fast); beyond it, a scaled cumsum (O(K) per row, and numpy's per-row overhead is amortised).
-_MATMUL_MAX_PLAYERS = 32
+# The sort carries each player's index in the low mantissa bits of its gain (see _sort_rows); this many
+# index bits at most, so that the order is exact for all but values within 2^-(52 - bits) of each other.
+_MAX_INDEX_BITS = 16
+# Rows of one chunk of the max-game kernel, in float64 entries: four such buffers (keys, sorted gains,
+# increments, the output slice) stay in the per-core cache, where each elementwise pass is several times
+# faster than over main memory, and are reused from chunk to chunk instead of faulting in fresh pages.
+_KERNEL_CHUNK_ELEMENTS = 1 << 15
+# Up to this many players the running sum over sorted positions is a loop over columns; beyond, np.cumsum
+# along the rows is faster (both add in the same order, so the results are identical).
+_COLUMN_LOOP_MAX_PLAYERS = 48
 
 
-@functools.lru_cache(maxsize=64)
-def _increment_shares(num_players: int) -> np.ndarray:
-    """M (K, K) with M[j, k] = 1/(K − j) for j <= k, else 0: (d @ M)_k = sum_{j<=k} d_j / (K − j)."""
-    k = num_players
-    m = np.triu(np.ones((k, k))) / (k - np.arange(k, dtype=np.float64))[:, None]
-    m.setflags(write=False)
-    return m
+@functools.lru_cache(maxsize=16)
+def _chunk_patterns(num_rows: int, num_players: int) -> tuple[np.ndarray, np.ndarray]:
+    """(column index, row offset) of every entry of a flat (R·K,) chunk, read-only int64.
+
+    Full-length operands instead of broadcast (K,) / (R, 1) ones: numpy then runs one contiguous inner loop
+    over the chunk rather than one short loop per row.
+    """
+    columns = np.tile(np.arange(num_players, dtype=np.int64), num_rows)
+    offsets = np.repeat(np.arange(0, num_rows * num_players, num_players, dtype=np.int64), num_players)
+    columns.setflags(write=False)
+    offsets.setflags(write=False)
+    return columns, offsets
 
 
-# Rows are processed in blocks of about this many scores: each block's temporaries (64 KB apiece) stay in
-# cache and are reused, instead of fresh multi-MB arrays whose page faults cost as much as the arithmetic.
-_BLOCK_ELEMENTS = 8_192
+def _sort_rows(gains: np.ndarray, flat: np.ndarray) -> None:
+    """Write into ``flat`` (R·K,) the flat indices into ``gains.ravel()`` that list each row (R, K) ascending.
+
+    One in-place integer sort instead of an argsort (about twice the cost of a sort): for y >= 0 the int64
+    view of a float64 is ordered like the float, so replacing its low ``bits`` mantissa bits by the column
+    index and sorting the integers yields the permutation directly. Two gains that differ only in those low
+    bits may come out swapped; the caller checks that the gathered values are non-decreasing and re-sorts
+    such rows exactly (``_fix_unsorted_rows``), so the result is always a true ascending order.
+    """
+    num_rows, k = gains.shape
+    columns, offsets = _chunk_patterns(num_rows, k)
+    bits = max(1, (k - 1).bit_length())
+    if bits > _MAX_INDEX_BITS:
+        flat.reshape(num_rows, k)[...] = np.argsort(gains, axis=1)
+    else:
+        np.bitwise_and(gains.view(np.int64).reshape(-1), np.int64(-(1 << bits)), out=flat)  # value bits only
+        flat |= columns  # the column index in the cleared low bits
+        flat.reshape(num_rows, k).sort(axis=1)
+        flat &= (1 << bits) - 1  # -> the column of the j-th smallest gain
+    flat += offsets  # -> flat indices
+
+
+def _fix_unsorted_rows(
+    gains: np.ndarray, flat: np.ndarray, sorted_gains: np.ndarray, rows: np.ndarray
+) -> None:
+    """Re-sort ``rows`` exactly (argsort): their packed-key order swapped near-equal gains; in place."""
+    k = gains.shape[1]
+    order = np.argsort(gains[rows], axis=1) + (rows * k)[:, None]  # (r, K) flat indices
+    flat.reshape(-1, k)[rows] = order
+    sorted_gains.reshape(-1, k)[rows] = gains.ravel()[order]
+
+
+@functools.lru_cache(maxsize=16)
+def _shares(num_rows: int, num_players: int) -> np.ndarray:
+    """(R·K,): K − j at sorted position j of every row, the number of players sharing that increment."""
+    out = np.tile(num_players - np.arange(num_players, dtype=np.float64), num_rows)
+    out.setflags(write=False)
+    return out
+
+
+def _increments(sorted_gains: np.ndarray, k: int, out: np.ndarray) -> None:
+    """v_j − v_{j−1} along each row of the flat sorted gains (R·K,), with v_{−1} = 0."""
+    # One contiguous subtraction over the flat array, then each row's first entry. Exact differences keep
+    # ties and floor players at exactly equal / zero credit.
+    np.subtract(sorted_gains[1:], sorted_gains[:-1], out=out[1:])
+    out[::k] = sorted_gains[::k]
+
+
+def _max_games_chunk(
+    y: np.ndarray, out: np.ndarray, flat: np.ndarray, sv: np.ndarray, inc: np.ndarray
+) -> None:
+    """Shapley values of the max games y (n, K) into out (n, K); flat, sv, inc: scratch of n·K entries."""
+    n, k = y.shape
+    _sort_rows(y, flat)
+    np.take(y.ravel(), flat, out=sv, mode="clip")  # exact sorted gains; indices in range by construction
+    _increments(sv, k, inc)
+    inc_2d = inc.reshape(n, k)
+    # One contiguous min over all increments (each row's first entry is its smallest gain, >= 0 for y >= 0);
+    # only if it is negative, find the rows that are out of order: near-equal gains swapped by the packed
+    # sort (rare), or rows with more than one negative gain (outside the documented y >= 0).
+    if inc.min() < 0:
+        bad = np.flatnonzero((inc_2d[:, 1:] < 0).any(axis=1))
+        if bad.size:
+            _fix_unsorted_rows(y, flat, sv, bad)
+            _increments(sv, k, inc)
+    inc /= _shares(n, k)  # the K − j players at least as good share the increment at position j equally
+    # Running sum over positions, one column at a time: the same additions in the same order for every game
+    # whatever the chunk or batch (a matrix product would not: BLAS rounds edge rows differently), and no
+    # per-row inner loop (np.cumsum along a short axis is several times slower).
+    credit = sv.reshape(n, k)  # reuse the buffer: the sorted gains are no longer needed
+    if k > _COLUMN_LOOP_MAX_PLAYERS:  # long rows: cumsum's per-row loop is amortised (same sums, same order)
+        np.cumsum(inc_2d, axis=1, out=credit)
+    else:
+        credit[:, 0] = inc_2d[:, 0]
+        for j in range(1, k):
+            np.add(credit[:, j - 1], inc_2d[:, j], out=credit[:, j])
+    out.reshape(-1)[flat] = sv  # scatter back: the player at sorted position j gets credit[:, j]
 
 
 def shapley_max_games(gains: np.ndarray) -> np.ndarray:
@@ -87,35 +173,18 @@ def shapley_max_games(gains: np.ndarray) -> np.ndarray:
     K − j at padded position j equals K_eff − j' at the player's position j' among the K_eff present ones.
     """
     num_rows, k = gains.shape
+    phi = np.empty((num_rows, k))
     if k == 0 or num_rows == 0:
-        return np.zeros((num_rows, k))
-    g = np.ascontiguousarray(gains, dtype=np.float64)
-    phi = np.empty((num_rows, k))  # (R, K)
-    rows = min(num_rows, max(1, _BLOCK_ELEMENTS // k))
-    offsets = np.arange(0, rows * k, k)[:, None]  # (rows, 1): row starts in a block's flat layout
-    sorted_buf, inc_buf = np.empty(rows * k), np.empty(rows * k)
-    credit_buf = np.empty((rows, k))
-    shares = _increment_shares(k) if k <= _MATMUL_MAX_PLAYERS else None
-    positions = None if shares is not None else np.tile(k - np.arange(k, dtype=np.float64), rows)
+        phi[...] = 0.0
+        return phi
+    y = np.ascontiguousarray(gains, dtype=np.float64)
+    rows = max(1, _KERNEL_CHUNK_ELEMENTS // k)
+    size = min(rows, num_rows) * k
+    flat, sv, inc = np.empty(size, dtype=np.int64), np.empty(size), np.empty(size)
     for start in range(0, num_rows, rows):
-        n = min(rows, num_rows - start)
-        block = g[start : start + n]  # (n, K)
-        order = np.argsort(block, axis=1)  # (n, K) ascending
-        order += offsets[:n]
-        flat = order.reshape(-1)  # flat indices into the block, row after row
-        v = np.take(block.reshape(-1), flat, out=sorted_buf[: n * k])  # sorted gains
-        # Increments v_j − v_{j−1}, then each row's first entry (v_{−1} = 0). Exact differences keep ties and
-        # floor players at exactly equal / zero credit.
-        inc = inc_buf[: n * k]
-        np.subtract(v[1:], v[:-1], out=inc[1:])
-        inc[::k] = v[::k]
-        credit = credit_buf[:n]  # (n, K) credit of each sorted position
-        if shares is not None:  # small K: the running sum is one small, BLAS-fast matrix product
-            np.matmul(inc.reshape(n, k), shares, out=credit)
-        else:
-            inc /= positions[: n * k]
-            np.cumsum(inc.reshape(n, k), axis=1, out=credit)
-        phi[start : start + n].reshape(-1)[flat] = credit.reshape(-1)  # player order[r, j] gets credit[r, j]
+        stop = min(num_rows, start + rows)
+        n = (stop - start) * k
+        _max_games_chunk(y[start:stop], phi[start:stop], flat[:n], sv[:n], inc[:n])
     return phi
 
 

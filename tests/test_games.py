@@ -263,3 +263,52 @@ def test_nan_padding_under_mask_is_ignored():
         4,
         4,
     ]
+
+
+def test_games_share_only_frozen_inputs():
+    """A game keeps an array it is given only if nobody can write it; anything writable is copied."""
+    frozen = np.array([[1.0, 2.0]])
+    frozen.setflags(write=False)
+    assert SumOfMaxGame(frozen).scores is frozen  # another game's field, say: no second copy
+    base = np.array([[1.0, 2.0]])
+    view = base[:]
+    view.setflags(write=False)  # read-only view of a writable array: still copied
+    g = SumOfMaxGame(view)
+    base[0, 0] = 99.0
+    assert not np.shares_memory(g.scores, base) and g.scores[0, 0] == 1.0
+    u = np.array([[0.5, 3.0], [1.0, 1.0]])
+    bos = best_of_set(u)
+    assert not np.shares_memory(bos.scores, u) and not bos.scores.flags.writeable
+    again = SumOfMaxGame(bos.scores, bos.weights, bos.floors, bos.mask)  # rebuilt from fields: shared
+    assert again.scores is bos.scores and np.array_equal(again.grand_value, bos.grand_value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("batched", [False, True])
+def test_fused_finiteness_check_catches_every_non_finite(bad, batched):
+    scores = np.array([[0.5, 1.0, 2.0]])
+    scores[0, 1] = bad
+    if batched:
+        scores = np.stack([np.ones((1, 3)), scores])  # (2, 1, 3): the bad entry in the second game
+    with pytest.raises(ValueError, match="finite"):
+        SumOfMaxGame(scores)
+    with pytest.raises(ValueError, match="finite"):
+        best_of_set(scores[..., 0, :])
+    with pytest.raises(ValueError, match="finite"):
+        best_of_set([1.0, 2.0], floor=bad)
+    with pytest.raises(ValueError, match="finite"):
+        SumOfMaxGame([[1.0, 2.0]], weights=[bad])
+    mask = np.ones((*scores.shape[:-2], 3), bool)
+    mask[..., 1] = False  # the same entry as absent padding: accepted and ignored
+    assert np.isfinite(np.asarray(SumOfMaxGame(scores, mask=mask).grand_value)).all()
+
+
+def test_default_and_explicit_floor_and_weights_give_the_same_game():
+    u = np.array([[0.2, -1.0, 0.7], [3.0, 3.0, 0.0]])
+    implicit = best_of_set(u)
+    explicit = SumOfMaxGame(u[:, None, :], weights=np.ones((2, 1)), floors=np.zeros((2, 1)))
+    for field in ("scores", "weights", "floors", "mask"):
+        assert np.array_equal(getattr(implicit, field), getattr(explicit, field))
+        assert getattr(implicit, field).shape == getattr(explicit, field).shape
+    assert np.array_equal(implicit.all_values(), explicit.all_values())
+    assert np.array_equal(best_of_set(u, floor=0.5).floors, np.full((2, 1), 0.5))

@@ -285,6 +285,101 @@ def test_max_game_kernel_against_sorted_formula(k):
     assert np.unique(got[0, : k // 2]).size == 1  # ties: exactly equal credit
 
 
+def sorted_formula(gains: np.ndarray) -> np.ndarray:
+    """The max-game closed form row by row in plain Python (stable argsort, running sum): the reference."""
+    out = np.zeros_like(gains)
+    k = gains.shape[1]
+    for r, row in enumerate(gains):
+        prev, running = 0.0, 0.0
+        for pos, player in enumerate(np.argsort(row, kind="stable")):
+            running += (row[player] - prev) / (k - pos)
+            prev = row[player]
+            out[r, player] = running
+    return out
+
+
+def hard_gains(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
+    """Gains >= 0 with ties, zeros, -0.0, values one ulp apart and tiny/huge ones: the packed sort's traps."""
+    pool = np.array([0.0, -0.0, 1.0, np.nextafter(1.0, 2.0), np.nextafter(1.0, 0.0), 0.5, 3.0, 1e-300, 1e300])
+    gains = np.where(rng.random((rows, k)) < 0.6, rng.choice(pool, (rows, k)), rng.random((rows, k)))
+    gains[0] = 1.0  # a row of exact ties
+    if k > 1:
+        gains[1, :2] = [np.nextafter(1.0, 2.0), 1.0]  # equal once the index bits are cleared, then swapped
+    return gains
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 9, 33, 40, 60])
+def test_max_game_kernel_fast_path_equals_general_path(k, monkeypatch):
+    """Packed-key sort, chunking and row fix-up give exactly what an argsort of every row gives."""
+    import shapegrpo_core.shapley as shapley_module
+
+    gains = hard_gains(np.random.default_rng(k), 300, k)
+    fast = shapley_max_games(gains)
+    monkeypatch.setattr(shapley_module, "_KERNEL_CHUNK_ELEMENTS", 7 * k)  # 7 rows a chunk, a partial last one
+    chunked = shapley_max_games(gains)
+    monkeypatch.setattr(shapley_module, "_MAX_INDEX_BITS", 0)  # every row through np.argsort instead
+    monkeypatch.setattr(shapley_module, "_COLUMN_LOOP_MAX_PLAYERS", 100 if k > 48 else 1)  # the other sum
+    general = shapley_max_games(gains)
+    assert np.array_equal(fast, general) and np.array_equal(chunked, general)
+    scale = np.maximum(np.abs(gains).max(axis=1, keepdims=True), 1e-300)  # rows span 1e-300 .. 1e300
+    reference = sorted_formula(gains)
+    assert np.allclose(fast / scale, reference / scale, atol=1e-12, rtol=0)
+    assert (fast[gains == 0] == 0).all()
+    assert np.unique(fast[0]).size == 1  # a row of ties: exactly equal credit
+
+
+def test_max_game_kernel_one_ulp_apart():
+    a, b = np.nextafter(1.0, 2.0), 1.0  # identical but for the lowest mantissa bit, the larger one first
+    got = shapley_max_games(np.array([[a, b], [b, a]]))
+    assert got.tolist() == [[b / 2 + (a - b), b / 2], [b / 2, b / 2 + (a - b)]]
+
+
+def test_max_game_kernel_negative_gains_match_general_path(monkeypatch):
+    # Outside the documented y >= 0 the kernel still returns what the sort-based formula gives.
+    import shapegrpo_core.shapley as shapley_module
+
+    gains = np.random.default_rng(3).normal(size=(50, 6))
+    fast = shapley_max_games(gains)
+    monkeypatch.setattr(shapley_module, "_MAX_INDEX_BITS", 0)
+    assert np.array_equal(fast, shapley_max_games(gains))
+    assert np.allclose(fast, sorted_formula(gains), atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(seed=seeds, k=st.integers(1, 6), t=st.integers(1, 3), batch=st.integers(1, 4))
+def test_public_closed_form_equals_brute_force(seed, k, t, batch):
+    """shapley_values on batched games (ties, masks, floors, weights, T >= 1) vs the textbook formula."""
+    rng = np.random.default_rng(seed)
+    game = random_sum_of_max(rng, k, t=t, batch=batch, masked=True)
+    bos = best_of_set(random_scores(rng, (batch, k)), floor=rng.choice([0.0, 0.5], batch), mask=game.mask)
+    for g in (game, bos):
+        phi = shapley_values(g).values  # (B, K)
+        for r in range(batch):
+            row = g.take_batch(slice(r, r + 1))
+
+            def value(s, row=row):
+                return float(row.value(np.isin(np.arange(k), list(s))[None])[0, 0])
+
+            assert np.allclose(phi[r], brute_force(value, k), atol=TOL)
+
+
+def test_public_best_of_set_shortcut_equals_general_route():
+    """Non-negative scores, no floor, no weights, no mask: the no-copy gains shortcut changes nothing."""
+    u = hard_gains(np.random.default_rng(7), 500, 8)
+    u[u > 1e299] = 7.0  # keep 2·u finite
+    fast = shapley_values(best_of_set(u))
+    assert fast.engine == "closed_form"
+    # The same gains through the general route: weights (0.5 · 2u = u exactly), then a masked-out pad column.
+    weighted = SumOfMaxGame(2.0 * u[:, None, :], weights=np.full((500, 1), 0.5))
+    assert not weighted._gains_are_scores
+    assert np.array_equal(fast.values, shapley_values(weighted).values)
+    padded = np.concatenate([u, np.full((500, 1), np.nan)], axis=1)
+    mask = np.concatenate([np.ones((500, 8), bool), np.zeros((500, 1), bool)], axis=1)
+    phi_padded = shapley_values(best_of_set(padded, mask=mask)).values
+    assert (phi_padded[:, 8] == 0).all()
+    assert np.allclose(fast.values, phi_padded[:, :8], atol=1e-12, rtol=1e-12)
+
+
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(seed=seeds, kind=KINDS, k=st.integers(1, 7))
 def test_monte_carlo_within_four_standard_errors(seed, kind, k):
