@@ -492,7 +492,7 @@ def test_coalition_matrix_drives_exact_engine():
 
 def test_closed_form_spanning_several_blocks_equals_exact_with_ties_masks_and_floors() -> None:
     """Large batches go through the blocked kernel; every block (and the ragged last one) must be exact."""
-    from shapegrpo_core.shapley import _BLOCK_ELEMENTS
+    from shapegrpo_core.shapley import _KERNEL_CHUNK_ELEMENTS as _BLOCK_ELEMENTS
 
     rng = np.random.default_rng(7)
     k, t = 5, 2
