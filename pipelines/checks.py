@@ -1,4 +1,4 @@
-"""Asset checks guarding the hand-offs (docs/pipeline.md). Blocking checks stop downstream assets when they fail.
+"""Asset checks guarding the hand-offs (docs/pipeline.md). Blocking checks stop downstream assets on failure.
 
 Checks on the method-partitioned assets (eval utility finite, not worse than base) are emitted by
 ``policy_evaluation`` itself (``check_specs``), because one run may cover several partitions.

@@ -1,4 +1,5 @@
-"""The last *complete* training checkpoint, so that a killed run resumes instead of crashing (docs/pipeline.md, "Failure and resume").
+"""The last *complete* training checkpoint, so that a killed run resumes instead of crashing
+(docs/pipeline.md, "Failure and resume").
 
 HF ``Trainer`` writes ``checkpoint-<step>/`` in several steps (weights, optimizer, scheduler, RNG state, then
 ``trainer_state.json``) with no atomic rename, so a process killed mid-save leaves a directory that

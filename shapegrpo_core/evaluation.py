@@ -177,7 +177,7 @@ def try_score_response(
         return score_response(task, completion, example, num_candidates)
     try:
         score = score_response(task, completion, example, num_candidates)
-    except (ValueError, ArithmeticError) as err:  # a failed scorer: a recorded NaN, not a crash (docs/method.md, "Advantages")
+    except (ValueError, ArithmeticError) as err:  # a failed scorer: a recorded NaN, not a crash
         logger.warning("scoring failed for completion %r: %s", completion[:200], err)
         return None
     return _checked(score, completion)

@@ -1,6 +1,6 @@
 """The offline policy: a word-level tokenizer built from a task's vocabulary, a tiny causal LM from a config,
-and an SFT warm start on format-only demonstrations (docs/tasks.md, "Models"). Plus loading any local Hugging Face
-checkpoint (chat template and optional LoRA included).
+and an SFT warm start on format-only demonstrations (docs/tasks.md, "Models"). Plus loading any local
+Hugging Face checkpoint (chat template and optional LoRA included).
 
 Tokenizer. Words are split on spaces the way SentencePiece does it: a space becomes the marker "▁" glued to
 the next word ("history: i12" -> "history", ":", "▁i12"), and "," ":" ";" and newlines are split off as

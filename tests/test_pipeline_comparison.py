@@ -76,7 +76,11 @@ def _stand_ins(utilities: dict[str, float], noise: float) -> list[dg.AssetsDefin
     ("utilities", "noise", "winner"),
     [
         ({"grpo": 0.5, "shapegrpo": 0.7, "loo": 0.6, "wta": 0.55}, 0.01, "shapegrpo"),  # clear paired win
-        ({"grpo": 0.6, "shapegrpo": 0.61, "loo": 0.5, "wta": 0.55}, 0.2, None),  # best mean, but the CI vs grpo spans 0
+        (
+            {"grpo": 0.6, "shapegrpo": 0.61, "loo": 0.5, "wta": 0.55},
+            0.2,
+            None,
+        ),  # best mean, but the CI vs grpo spans 0
         ({"grpo": NAN, "shapegrpo": NAN, "loo": NAN, "wta": NAN}, 0.0, None),
     ],
     ids=["winner", "overlapping", "all_nan"],

@@ -1,4 +1,5 @@
-"""The ``recsys`` task (the embedded default): recommend K items to a user given their history (docs/tasks.md).
+"""The ``recsys`` task (the embedded default): recommend K items to a user given their history
+(docs/tasks.md).
 
 World. A catalogue of items, each with genres and a quality in [0, 1], and users, each with a few interest
 genres of different strength and a history of items drawn from those genres. The relevance of item j for
