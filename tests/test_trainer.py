@@ -450,3 +450,16 @@ def test_train_policy_method_table():
     assert method_settings("loo") == ("loo", 1.0)
     with pytest.raises(ValueError, match="unknown method"):
         train_policy(tiny_task(), "/nonexistent", "/tmp/unused", method="ppo")
+
+
+def test_grpo_parity_check_tolerates_float32_on_tight_groups_and_catches_real_differences():
+    # Rewards near 0.9 that differ by 1e-5: float32 rounding alone moves TRL's advantages visibly.
+    rewards = np.array([0.9, 0.90001, 0.90002, 0.90003])
+    std = rewards.std(ddof=1)
+    ours = (rewards - rewards.mean()) / (std + 1e-4)
+    r32 = torch.tensor(rewards, dtype=torch.float32)
+    theirs = (r32 - r32.mean()) / (r32.std() + 1e-4)
+    assert np.abs(ours - theirs.double().numpy()).max() > 1e-5  # float32 rounding, magnified by 1/std
+    ShapEGRPOTrainer._check_grpo_parity(ours, theirs, std + 1e-4)
+    with pytest.raises(RuntimeError, match="GRPO advantages differ"):
+        ShapEGRPOTrainer._check_grpo_parity(ours + 0.5, theirs, std + 1e-4)
