@@ -18,8 +18,8 @@ Rules the reader applies (docs/data.md has the long form):
   between the id and those are the title (re-joined with ``|``); an unquoted comma in a ``movies.csv`` title
   is re-joined the same way (the id is first, the genres last and genre names hold no comma).
 * Duplicates and re-ratings: one rating per (user, movie) is kept, the one with the latest timestamp; among
-  equal timestamps the row read last wins. Dropped rows are counted: identical rows in
-  :attr:`MovieLensData.num_duplicates`, superseded different ratings in :attr:`MovieLensData.num_reratings`.
+  equal timestamps the row read last wins. Dropped rows are counted: exact copies of another row in
+  :attr:`MovieLensData.num_duplicates`, superseded distinct ratings in :attr:`MovieLensData.num_reratings`.
   So a user's held-out movies are never in their history and no history holds a movie twice.
 * Every malformed line is a :class:`MovieLensFormatError` (a ``ValueError``) naming the file, the line and the
   field.
@@ -114,8 +114,8 @@ class MovieLensData:
     ratings: tuple[Rating, ...]  # one per (user, movie), in file order of the kept rows
     layout: Literal["latest", "100k"]
     num_rating_rows: int = 0  # rating rows read (before dropping duplicates and re-ratings)
-    num_duplicates: int = 0  # dropped rows identical to the kept one (same rating and timestamp)
-    num_reratings: int = 0  # dropped rows superseded by a later rating of the same (user, movie)
+    num_duplicates: int = 0  # dropped exact copies of another row (same user, movie, rating, timestamp)
+    num_reratings: int = 0  # dropped distinct ratings superseded by a later one of the same (user, movie)
     encodings: dict[str, str] = field(default_factory=dict)  # file name -> encoding it was decoded with
 
 
@@ -347,15 +347,16 @@ class Deduplicated:
     """Ratings after the one-per-(user, movie) rule, and what the rule dropped."""
 
     ratings: tuple[Rating, ...]
-    num_duplicates: int  # dropped rows identical (rating and timestamp) to the kept one
-    num_reratings: int  # dropped rows superseded by a later (or, at an equal timestamp, later-read) rating
+    num_duplicates: int  # dropped exact copies: rows whose (rating, timestamp) another row of the pair has
+    num_reratings: int  # dropped distinct ratings superseded by a later (equal timestamp: later-read) one
 
 
 def dedupe_ratings(ratings: list[Rating] | tuple[Rating, ...]) -> Deduplicated:
     """Keep one rating per (user, movie): the latest timestamp, ties -> the last in ``ratings`` order.
 
-    A dropped row equal (rating and timestamp) to the kept one counts as a duplicate, any other as a
-    re-rating. The kept ratings are in the order of each pair's first row.
+    Of the dropped rows, exact copies (same rating and timestamp as another row of the pair) count as
+    duplicates, the other distinct ratings as re-ratings. The kept ratings are in the order of each pair's
+    first row.
     """
     rows: dict[tuple[int, int], list[Rating]] = {}
     for r in ratings:
@@ -366,9 +367,9 @@ def dedupe_ratings(ratings: list[Rating] | tuple[Rating, ...]) -> Deduplicated:
         # max() returns the first maximum, so compare (timestamp, position) to let the last row win ties.
         _, best = max(enumerate(group), key=lambda ir: (ir[1].timestamp, ir[0]))
         kept.append(best)
-        same = sum(1 for r in group if (r.rating, r.timestamp) == (best.rating, best.timestamp)) - 1
-        duplicates += same
-        reratings += len(group) - 1 - same
+        distinct = len({(r.rating, r.timestamp) for r in group})
+        duplicates += len(group) - distinct
+        reratings += distinct - 1
     return Deduplicated(tuple(kept), duplicates, reratings)
 
 
