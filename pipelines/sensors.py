@@ -103,11 +103,17 @@ def describe(name: str, folder: Path, recursive: bool) -> Dataset | None:
     layout, missing = _layout(names)
     if layout is None and not missing:
         return None
-    stats = [(p.relative_to(folder).as_posix(), p.stat()) for p in files]
+    stats = []
+    for p in files:
+        try:
+            stats.append((p.relative_to(folder).as_posix(), p.stat()))
+        except FileNotFoundError:  # renamed or removed since the listing (a copy tool at work)
+            stats.append((p.relative_to(folder).as_posix() + " (vanished)", None))
     if not recursive:  # loose files: only the MovieLens files belong to the dataset
         known = {f for fs in movielens.LAYOUT_FILES.values() for f in fs} | {"u.genre"}
         stats = [(rel, st) for rel, st in stats if rel in known]
-    digest = hashlib.sha256(json.dumps([(rel, st.st_size, st.st_mtime_ns) for rel, st in stats]).encode())
+    entries = [(rel, st.st_size, st.st_mtime_ns) if st else (rel,) for rel, st in stats]
+    digest = hashlib.sha256(json.dumps(entries).encode())
     return Dataset(
         name=name,
         path=folder,
@@ -115,7 +121,7 @@ def describe(name: str, folder: Path, recursive: bool) -> Dataset | None:
         missing=missing,
         fingerprint=digest.hexdigest()[:16],
         num_files=len(stats),
-        num_bytes=sum(st.st_size for _, st in stats),
+        num_bytes=sum(st.st_size for _, st in stats if st),
     )
 
 
