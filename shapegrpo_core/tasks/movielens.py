@@ -207,8 +207,14 @@ def _add_movie(movies: dict[int, Movie], lines: dict[int, int], movie: Movie, fi
 
 # ------------------------------------------------------------------------------------------ the layouts
 
-# A rating row with where it came from, for error messages.
-_Row = tuple[Rating, Path, int]
+
+@dataclass
+class _RatingRows:
+    """The rating rows of one file, with the line of each (for error messages after parsing)."""
+
+    file: Path
+    ratings: list[Rating] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
 
 
 def _csv_rows(
@@ -240,7 +246,7 @@ def _field(row: list[str], col: dict[str, int], name: str, extra: int) -> str:
     return row[i] if i < col["title"] else row[i + extra]
 
 
-def _read_latest(path: Path, encoding: str | None) -> tuple[dict[int, Movie], list[_Row], dict[str, str]]:
+def _read_latest(path: Path, encoding: str | None) -> tuple[dict[int, Movie], _RatingRows, dict[str, str]]:
     encodings: dict[str, str] = {}
     file = path / "movies.csv"
     text, encodings[file.name] = decode_file(file, encoding)
@@ -260,7 +266,7 @@ def _read_latest(path: Path, encoding: str | None) -> tuple[dict[int, Movie], li
         _add_movie(movies, defined, movie, file, line)
     file = path / "ratings.csv"
     text, encodings[file.name] = decode_file(file, encoding)
-    rows: list[_Row] = []
+    rows = _RatingRows(file)
     required = ("userId", "movieId", "rating", "timestamp")
     for line, col, row in _csv_rows(file, text, required):
         if len(row) != len(col):
@@ -271,11 +277,12 @@ def _read_latest(path: Path, encoding: str | None) -> tuple[dict[int, Movie], li
             _rating(row[col["rating"]], file, line, "rating"),
             _int(row[col["timestamp"]], file, line, "timestamp"),
         )
-        rows.append((rating, file, line))
+        rows.ratings.append(rating)
+        rows.lines.append(line)
     return movies, rows, encodings
 
 
-def _read_100k(path: Path, encoding: str | None) -> tuple[dict[int, Movie], list[_Row], dict[str, str]]:
+def _read_100k(path: Path, encoding: str | None) -> tuple[dict[int, Movie], _RatingRows, dict[str, str]]:
     encodings: dict[str, str] = {}
     genre_names = list(ML100K_GENRES)
     file = path / "u.genre"
@@ -320,7 +327,7 @@ def _read_100k(path: Path, encoding: str | None) -> tuple[dict[int, Movie], list
         _add_movie(movies, defined, Movie(movie_id, title, genres), file, line)
     file = path / "u.data"
     text, encodings[file.name] = decode_file(file, encoding)
-    rows: list[_Row] = []
+    rows = _RatingRows(file)
     for line, content in _lines(text):
         if not content.strip():
             continue
@@ -335,7 +342,8 @@ def _read_100k(path: Path, encoding: str | None) -> tuple[dict[int, Movie], list
             _rating(fields[2], file, line, "rating"),
             _int(fields[3], file, line, "timestamp"),
         )
-        rows.append((rating, file, line))
+        rows.ratings.append(rating)
+        rows.lines.append(line)
     return movies, rows, encodings
 
 
@@ -358,19 +366,23 @@ def dedupe_ratings(ratings: list[Rating] | tuple[Rating, ...]) -> Deduplicated:
     duplicates, the other distinct ratings as re-ratings. The kept ratings are in the order of each pair's
     first row.
     """
-    rows: dict[tuple[int, int], list[Rating]] = {}
+    kept: dict[tuple[int, int], Rating] = {}  # a replaced value keeps its key's first position
+    repeated: dict[tuple[int, int], list[Rating]] = {}  # every row of the pairs seen more than once
     for r in ratings:
-        rows.setdefault((r.user_id, r.movie_id), []).append(r)
-    kept = []
+        key = (r.user_id, r.movie_id)
+        old = kept.get(key)
+        if old is None:
+            kept[key] = r
+            continue
+        repeated.setdefault(key, [old]).append(r)
+        if r.timestamp >= old.timestamp:  # ">=": at an equal timestamp the later row wins
+            kept[key] = r
     duplicates = reratings = 0
-    for group in rows.values():
-        # max() returns the first maximum, so compare (timestamp, position) to let the last row win ties.
-        _, best = max(enumerate(group), key=lambda ir: (ir[1].timestamp, ir[0]))
-        kept.append(best)
+    for group in repeated.values():
         distinct = len({(r.rating, r.timestamp) for r in group})
         duplicates += len(group) - distinct
         reratings += distinct - 1
-    return Deduplicated(tuple(kept), duplicates, reratings)
+    return Deduplicated(tuple(kept.values()), duplicates, reratings)
 
 
 def read_movielens(path: str | Path, layout: Layout = "auto", encoding: str | None = None) -> MovieLensData:
@@ -388,17 +400,17 @@ def read_movielens(path: str | Path, layout: Layout = "auto", encoding: str | No
         movies, rows, encodings = _read_100k(path, encoding)
     else:
         raise ValueError(f"unknown MovieLens layout {layout!r}; use 'auto', 'latest' or '100k'")
-    for rating, file, line in rows:
+    for rating, line in zip(rows.ratings, rows.lines, strict=True):
         if rating.movie_id not in movies:
             raise MovieLensFormatError(
-                file, line, f"movie id {rating.movie_id} is absent from the movies file", "movieId"
+                rows.file, line, f"movie id {rating.movie_id} is absent from the movies file", "movieId"
             )
-    deduped = dedupe_ratings([r for r, _, _ in rows])
+    deduped = dedupe_ratings(rows.ratings)
     return MovieLensData(
         movies=movies,
         ratings=deduped.ratings,
         layout=resolved,
-        num_rating_rows=len(rows),
+        num_rating_rows=len(rows.ratings),
         num_duplicates=deduped.num_duplicates,
         num_reratings=deduped.num_reratings,
         encodings=encodings,
