@@ -29,7 +29,6 @@ import numpy as np
 import pandas as pd
 
 from shapegrpo_core.credit import (
-    ALLOCATIONS,
     FREE_RIDER_TOL,
     SCALE_REWARDS,
     TRL_EPSILON,
@@ -37,6 +36,9 @@ from shapegrpo_core.credit import (
     allocate_credit,
     group_advantages,
     mix_credit,
+)
+from shapegrpo_core.credit import (
+    _check_allocation as check_allocation,
 )
 from shapegrpo_core.evaluation import ResponseScore
 from shapegrpo_core.shapley import DEFAULT_NUM_PERMUTATIONS, MAX_EXACT_PLAYERS
@@ -91,8 +93,7 @@ def credit_responses(
 ) -> list[ResponseCredit]:
     """Per-response credit of scored responses (None = the scorer failed: NaN utility, no candidates; its
     format statistics come from ``num_parsed`` / ``format_valid`` when given)."""
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"unknown allocation {allocation!r}; choose one of {ALLOCATIONS}")
+    check_allocation(allocation, 1.0)
     if not (math.isfinite(format_penalty) and format_penalty >= 0.0):
         raise ValueError(f"format_penalty must be finite and >= 0, got {format_penalty}")
     n = len(scores)
@@ -187,10 +188,7 @@ class BatchCredit:
         eps: float = TRL_EPSILON,
     ) -> BatchCredit:
         """Group advantages of the gathered batch; ``num_slots`` is K (default: the most scored)."""
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {allocation!r}; choose one of {ALLOCATIONS}")
-        if not (math.isfinite(lam) and 0.0 <= lam <= 1.0):
-            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        check_allocation(allocation, lam)
         if missing_slots not in MISSING_SLOTS:
             raise ValueError(f"missing_slots must be one of {MISSING_SLOTS}, got {missing_slots!r}")
         if scale_rewards not in SCALE_REWARDS:
