@@ -9,7 +9,7 @@ to finish ``compare_methods`` within 15 minutes on 2 cores; ``configs/smoke.yaml
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -21,13 +21,14 @@ DEFAULT_FORMAT_PENALTY = 0.1
 # shapegrpo_core.training.METHODS (a test keeps them equal) without importing torch at definition load.
 METHOD_ALLOCATION = {"grpo": "uniform", "shapegrpo": "shapley", "loo": "loo", "wta": "wta"}
 METHODS = tuple(METHOD_ALLOCATION)
+ScaleRewards = Literal["group", "batch", "none"]
 
 
 class TaskDatasetConfig(dg.Config):
     """Which task to build and how: the task name, K and the task's own constructor options."""
 
     task: str = Field(default="recsys", description="Task name in shapegrpo_core.tasks.TASKS.")
-    num_candidates: int = Field(default=4, description="K, candidates per response.")
+    num_candidates: int = Field(default=4, ge=1, description="K, candidates per response.")
     task_options: dict[str, Any] = Field(
         default_factory=dict,
         description="Other keyword arguments of the task constructor (e.g. recsys: num_items, game, "
@@ -42,14 +43,16 @@ class BasePolicyConfig(dg.Config):
     model_path: str | None = Field(
         default=None, description="A local HF checkpoint dir (e.g. Qwen2.5-0.5B-Instruct); None = warm start."
     )
-    num_demos: int = Field(default=3000, description="Warm-start demonstrations.")
-    epochs: float = Field(default=2.0, description="Warm-start SFT epochs (ignored when max_steps > 0).")
-    max_steps: int = Field(default=-1, description="Warm-start SFT steps; -1 = use epochs.")
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
+    num_demos: int = Field(default=3000, ge=1, description="Warm-start demonstrations.")
+    epochs: float = Field(
+        default=2.0, gt=0, description="Warm-start SFT epochs (ignored when max_steps > 0)."
+    )
+    max_steps: int = Field(default=-1, ge=-1, description="Warm-start SFT steps; -1 = use epochs.")
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=3e-3, gt=0)
+    hidden_size: int = Field(default=64, ge=1)
+    num_layers: int = Field(default=2, ge=1)
+    num_heads: int = Field(default=2, ge=1)
     seed: int = 0
     register_model: bool = Field(
         default=True, description="Log with the transformers flavour and register in MLflow."
@@ -59,21 +62,28 @@ class BasePolicyConfig(dg.Config):
 class RolloutConfig(dg.Config):
     """Rollouts of the base policy used to inspect credit before training: prompts x G responses."""
 
-    num_prompts: int = Field(default=32, description="Training prompts to roll out.")
-    num_generations: int = Field(default=8, description="G, responses per prompt.")
-    max_new_tokens: int = Field(default=16, description="Completion length cap.")
-    temperature: float = 1.0
+    num_prompts: int = Field(default=32, ge=1, description="Training prompts to roll out.")
+    num_generations: int = Field(default=8, ge=2, description="G, responses per prompt.")
+    max_new_tokens: int = Field(default=16, ge=1, description="Completion length cap.")
+    temperature: float = Field(default=1.0, gt=0)
     seed: int = 0
 
 
 class CreditConfig(dg.Config):
     """How candidate credit is computed for the credits table."""
 
-    lam: float = Field(default=1.0, description="Mix lambda: 0 = GRPO credit, 1 = pure Shapley/LOO credit.")
-    engine: str = Field(default="auto", description="Shapley engine: auto, closed_form, exact, monte_carlo.")
-    scale_rewards: str = Field(default="group", description="Advantage scaling: group, batch or none.")
+    lam: float = Field(
+        default=1.0, ge=0, le=1, description="Mix lambda: 0 = GRPO credit, 1 = pure Shapley/LOO credit."
+    )
+    engine: Literal["auto", "closed_form", "exact", "monte_carlo"] = Field(
+        default="auto", description="Shapley engine: auto, closed_form, exact, monte_carlo."
+    )
+    scale_rewards: ScaleRewards = Field(
+        default="group", description="Advantage scaling: group, batch or none."
+    )
     format_penalty: float = Field(
         default=DEFAULT_FORMAT_PENALTY,
+        ge=0,
         description="Set-reward penalty for a format-invalid response, as in training (keep it equal to "
         "fine_tuned_policy's format_penalty); 0 shows the unpenalised credit.",
     )
@@ -90,37 +100,51 @@ class TrainConfig(dg.Config):
     ShapEGRPOConfig/GRPOConfig field (e.g. ``per_device_train_batch_size``, ``shapley_engine``, ``bf16``).
     """
 
-    max_steps: int = Field(default=100, description="Optimizer steps per method.")
-    num_generations: int = Field(default=8, description="G, responses per prompt in a GRPO group.")
-    prompts_per_step: int = Field(default=4, description="Prompts per optimizer step (x G completions).")
+    max_steps: int = Field(default=100, ge=1, description="Optimizer steps per method.")
+    num_generations: int = Field(default=8, ge=2, description="G, responses per prompt in a GRPO group.")
+    prompts_per_step: int = Field(
+        default=4, ge=1, description="Prompts per optimizer step (x G completions)."
+    )
     lam: float | None = Field(
-        default=None, description="Credit mix lambda; None = the method's own (grpo 0, shapegrpo/loo 1)."
+        default=None,
+        ge=0,
+        le=1,
+        description="Credit mix lambda; None = the method's own (grpo 0, shapegrpo/loo 1).",
     )
-    learning_rate: float = Field(default=1e-3, description="Tuned on GRPO/recsys in benchmarks/convergence.")
+    learning_rate: float = Field(
+        default=1e-3, gt=0, description="Tuned on GRPO/recsys in benchmarks/convergence."
+    )
     max_completion_length: int | None = Field(
-        default=None, description="Completion cap; None = the base policy's generation_config.max_new_tokens."
+        default=None,
+        ge=1,
+        description="Completion cap; None = the base policy's generation_config.max_new_tokens.",
     )
-    temperature: float = 1.0
-    beta: float = Field(default=0.0, description="KL coefficient.")
-    scale_rewards: str = Field(default="group", description="Advantage scaling: group, batch or none.")
+    temperature: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.0, ge=0, description="KL coefficient.")
+    scale_rewards: ScaleRewards = Field(
+        default="group", description="Advantage scaling: group, batch or none."
+    )
     format_penalty: float = Field(
         default=DEFAULT_FORMAT_PENALTY,
+        ge=0,
         description="Set-reward penalty for a response that is not format-valid (not exactly K distinct "
         "candidates), the same for every method; without it extra candidates cost nothing and policies drift "
         "into emitting more than K.",
     )
-    save_steps: int | None = Field(default=None, description="Checkpoint interval (resume after a crash).")
-    eval_every: int | None = Field(
-        default=20, description="Held-out evaluation every N steps (learning curves); None = off."
+    save_steps: int | None = Field(
+        default=None, ge=1, description="Checkpoint interval (resume after a crash)."
     )
-    eval_num_prompts: int = 32
+    eval_every: int | None = Field(
+        default=20, ge=1, description="Held-out evaluation every N steps (learning curves); None = off."
+    )
+    eval_num_prompts: int = Field(default=32, ge=1)
     eval_num_samples: int = Field(
         default=4,
         ge=1,
         description="Samples per held-out prompt at each in-training evaluation: 32 prompts x 4 samples "
         "give each held-out point an interval, drawn as the curve band in the comparison plot.",
     )
-    logging_steps: int = 1
+    logging_steps: int = Field(default=1, ge=1)
     seed: int = 0
     training_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for shapegrpo_core.training.train_policy."
@@ -131,11 +155,11 @@ class TrainConfig(dg.Config):
 class EvalConfig(dg.Config):
     """Held-out evaluation, identical for every method and for the base policy."""
 
-    num_prompts: int = Field(default=100, description="Eval prompts (capped at the eval split size).")
-    num_samples: int = Field(default=4, description="Samples per prompt.")
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    num_bootstrap: int = 1000
+    num_prompts: int = Field(default=100, ge=1, description="Eval prompts (capped at the eval split size).")
+    num_samples: int = Field(default=4, ge=1, description="Samples per prompt.")
+    max_new_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    num_bootstrap: int = Field(default=1000, ge=100)
     seed: int = 0
 
 

@@ -25,9 +25,7 @@ from pipelines.assets import all_assets
 from pipelines.checks import all_checks
 from pipelines.jobs import all_jobs, all_schedules
 from pipelines.resources import (
-    DEFAULT_ARTIFACT_ROOT,
     DEFAULT_EXPERIMENT,
-    DEFAULT_TRACKING_URI,
     ComputeResource,
     GenerationResource,
     ManifestIOManager,
@@ -53,8 +51,8 @@ def build_resources(
     data = data_dir or env("SHAPEGRPO_DATA_DIR", "data")
     return {
         "mlflow": MLflowResource(
-            tracking_uri=tracking_uri or env("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI),
-            artifact_root=artifact_root or env("SHAPEGRPO_MLFLOW_ARTIFACTS", DEFAULT_ARTIFACT_ROOT),
+            tracking_uri=tracking_uri,  # None: the resource reads the environment when it is used
+            artifact_root=artifact_root,
             experiment_name=experiment_name or env("SHAPEGRPO_MLFLOW_EXPERIMENT", DEFAULT_EXPERIMENT),
         ),
         "generation": GenerationResource(backend=generation_backend or env("SHAPEGRPO_GENERATION", "hf")),

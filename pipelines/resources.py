@@ -95,29 +95,57 @@ class MLflowResource(dg.ConfigurableResource):
     jittered backoff.
     """
 
-    tracking_uri: str = Field(default=DEFAULT_TRACKING_URI, description="MLflow tracking (and registry) URI.")
-    artifact_root: str = Field(
-        default=DEFAULT_ARTIFACT_ROOT, description="Artifact location of the experiment (a local dir or URI)."
+    # Locations default to None = "from the environment at use time", so that a run config overriding only
+    # some fields (a smoke profile's experiment and model name) keeps the deployment's store: Dagster resets
+    # the fields a partial override leaves out to these defaults, not to the values the Definitions gave.
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking (and registry) URI; None = $MLFLOW_TRACKING_URI, else "
+        f"{DEFAULT_TRACKING_URI}.",
+    )
+    artifact_root: str | None = Field(
+        default=None,
+        description="Artifact location of the experiment (a local dir or URI); None = "
+        f"$SHAPEGRPO_MLFLOW_ARTIFACTS, else {DEFAULT_ARTIFACT_ROOT}.",
     )
     experiment_name: str = Field(default=DEFAULT_EXPERIMENT, description="One experiment holds every run.")
     registered_model_name: str = Field(
         default=DEFAULT_MODEL_NAME,
         description="Registered model holding base and fine-tuned policy versions.",
     )
+    registry_aliases: bool = Field(
+        default=True,
+        description="Move the registry aliases (base, one per method, champion) at the end of a successful "
+        "comparison. Smoke and test profiles turn it off (and use their own experiment and model name), so "
+        "their models are registered but never named by an alias.",
+    )
     max_attempts: int = Field(default=30, description="Attempts per store call under lock contention.")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Every asset logs to MLflow, so this runs before the first step of any run acts: a run whose settings
+        # are invalid stops here, before anything reaches MLflow or the data directory (pipelines.validation).
+        if context.dagster_run is not None:
+            from pipelines.validation import require_valid_settings
+
+            require_valid_settings(context.dagster_run.run_config)
 
     # ------------------------------------------------------------------------------------------- locations
 
     @property
+    def store_uri(self) -> str:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+    @property
     def resolved_tracking_uri(self) -> str:
-        db = _sqlite_path(self.tracking_uri)
-        return f"sqlite:///{db}" if db is not None else self.tracking_uri
+        db = _sqlite_path(self.store_uri)
+        return f"sqlite:///{db}" if db is not None else self.store_uri
 
     @property
     def resolved_artifact_location(self) -> str:
-        if "://" in self.artifact_root:
-            return self.artifact_root
-        return Path(self.artifact_root).resolve().as_uri()
+        root = self.artifact_root or os.environ.get("SHAPEGRPO_MLFLOW_ARTIFACTS") or DEFAULT_ARTIFACT_ROOT
+        if "://" in root:
+            return root
+        return Path(root).resolve().as_uri()
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
@@ -126,7 +154,7 @@ class MLflowResource(dg.ConfigurableResource):
         Guards find-or-create sequences (store schema creation, the experiment, a Dagster run's parent run)
         that two processes could otherwise both decide to create.
         """
-        db = _sqlite_path(self.tracking_uri)
+        db = _sqlite_path(self.store_uri)
         if db is None:
             yield
             return
@@ -304,7 +332,14 @@ class StorageResource(dg.ConfigurableResource):
 
 
 class ManifestIOManager(dg.ConfigurableIOManager):
-    """Stores DataFrames as parquet and other values as JSON under ``base_dir``/<asset key>[/<partition>].
+    """Stores DataFrames as parquet and other values as JSON under
+    ``base_dir``/<root run id>/<asset key>[/<partition>].
+
+    Values are kept per *root* run (the run and its re-executions share one), so two runs at once never read
+    each other's values, and a re-execution reads exactly what its own root run produced. An input whose
+    upstream was not produced in this root run (e.g. the ``retrain`` job reading the base policy) is read from
+    the root run of the upstream's latest materialization, as recorded in Dagster's event log; the step logs
+    which run that was.
 
     A partitioned asset's value is always a dict keyed by the partitions the run covers (one key, or several
     in a single-run backfill); each partition is stored on its own. Loading a partitioned asset returns such a
@@ -313,9 +348,39 @@ class ManifestIOManager(dg.ConfigurableIOManager):
 
     base_dir: str = Field(default="data/assets", description="Where asset values are stored.")
 
-    def _path(self, asset_key: dg.AssetKey, partition: str | None) -> Path:
-        path = Path(self.base_dir).resolve().joinpath(*asset_key.path)
+    def _path(self, root_run_id: str, asset_key: dg.AssetKey, partition: str | None) -> Path:
+        path = Path(self.base_dir).resolve().joinpath(root_run_id, *asset_key.path)
         return path / partition if partition is not None else path
+
+    @staticmethod
+    def _root_of(instance: dg.DagsterInstance, run_id: str) -> str:
+        run = instance.get_run_by_id(run_id)
+        return (run.root_run_id or run.run_id) if run is not None else run_id
+
+    def _producer_path(
+        self, context: dg.InputContext, own_root: str, asset_key: dg.AssetKey, partition: str | None
+    ) -> Path:
+        """Where the value of ``asset_key[partition]`` this step should read lives: its own root run's copy,
+        else the copy of the root run that materialized it last."""
+        own = self._path(own_root, asset_key, partition)
+        if self._exists(own):
+            return own
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition] if partition else None),
+            limit=1,
+        ).records
+        if not records:
+            return own  # never materialized: _read names the path and says what to do
+        producer = self._root_of(context.instance, records[0].run_id)
+        context.log.info(
+            f"{asset_key.to_user_string()}{f'[{partition}]' if partition else ''} not produced by this root "
+            f"run; reading the latest materialization (root run {producer})"
+        )
+        return self._path(producer, asset_key, partition)
+
+    @staticmethod
+    def _exists(path: Path) -> bool:
+        return any(path.with_name(path.name + ext).exists() for ext in (".parquet", ".json"))
 
     @staticmethod
     def _write(path: Path, obj: Any) -> Path:
@@ -348,6 +413,8 @@ class ManifestIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
+        run = context.step_context.dagster_run
+        root = run.root_run_id or run.run_id
         if context.has_asset_partitions:
             keys = list(context.asset_partition_keys)
             if not isinstance(obj, Mapping) or set(obj) != set(keys):
@@ -355,12 +422,22 @@ class ManifestIOManager(dg.ConfigurableIOManager):
                     f"{context.asset_key.to_user_string()} covers partitions {keys}; "
                     "return a dict keyed by exactly those partitions"
                 )
-            targets = [self._write(self._path(context.asset_key, k), obj[k]) for k in keys]
+            targets = [self._write(self._path(root, context.asset_key, k), obj[k]) for k in keys]
         else:
-            targets = [self._write(self._path(context.asset_key, None), obj)]
+            targets = [self._write(self._path(root, context.asset_key, None), obj)]
         context.add_output_metadata({"stored_at": dg.MetadataValue.path(str(targets[0].parent))})
 
     def load_input(self, context: dg.InputContext) -> Any:
+        if not context.has_asset_key:
+            # Reading a result back outside a step (``result.output_for_node``): the upstream output knows the
+            # asset and the run that produced it.
+            upstream = context.upstream_output
+            if upstream is None or not upstream.has_asset_key:
+                raise ValueError("ManifestIOManager only stores asset values; this input has no asset key")
+            root = self._root_of(context.instance, upstream.run_id)
+            return self._read(self._path(root, upstream.asset_key, None))
+        run = context.step_context.dagster_run
+        root = run.root_run_id or run.run_id
         if context.has_asset_partitions:
             keys = list(context.asset_partition_keys)
             # Always a dict, even for one partition: consumers loop over ``context.partition_keys``. An input
@@ -369,7 +446,7 @@ class ManifestIOManager(dg.ConfigurableIOManager):
             values = {}
             for key in keys:
                 try:
-                    values[key] = self._read(self._path(context.asset_key, key))
+                    values[key] = self._read(self._producer_path(context, root, context.asset_key, key))
                 except FileNotFoundError:
                     if not allow_missing:
                         raise
@@ -377,10 +454,4 @@ class ManifestIOManager(dg.ConfigurableIOManager):
                         f"{context.asset_key.to_user_string()}[{key}] not materialized; skipped"
                     )
             return values
-        if context.has_asset_key:
-            return self._read(self._path(context.asset_key, None))
-        # Reading a result back outside a step (``result.output_for_node``): the upstream output has the key.
-        upstream = context.upstream_output
-        if upstream is None or not upstream.has_asset_key:
-            raise ValueError("ManifestIOManager only stores asset values; this input has no asset key")
-        return self._read(self._path(upstream.asset_key, None))
+        return self._read(self._producer_path(context, root, context.asset_key, None))

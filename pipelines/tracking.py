@@ -213,12 +213,12 @@ def log_policy_model(
     checkpoint_dir: str | Path,
     *,
     method: str,
-    aliases: tuple[str, ...] = (),
     tags: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Log the checkpoint with the transformers flavour (model + tokenizer dict: works offline with the custom
-    word-level tokenizer, where the local-path mode does not), register it as a new version of
-    ``registered_model_name`` tagged with ``method``, and point ``aliases`` at it; returns ids for metadata.
+    word-level tokenizer, where the local-path mode does not) and register it as a new version of
+    ``registered_model_name`` tagged with ``method``; returns ids for metadata. Aliases are not set here:
+    only a successful comparison moves them (:func:`set_aliases`).
     """
     import mlflow as mlflow_api
     from huggingface_hub import ModelCard
@@ -243,15 +243,26 @@ def log_policy_model(
             metadata={"method": method},
         )
     version = register_model(mlflow, info.model_uri, run_id, method=method, tags=tags, model_id=info.model_id)
-    client = mlflow.client()
-    for alias in aliases:
-        mlflow.call(client.set_registered_model_alias, mlflow.registered_model_name, alias, version)
     return {
         "registered_model": mlflow.registered_model_name,
         "model_version": version,
         "model_uri": info.model_uri,
-        "aliases": list(aliases),
     }
+
+
+def set_aliases(mlflow: MLflowResource, versions: Mapping[str, str | None]) -> dict[str, str]:
+    """Point each alias at its model version (entries without a version are skipped); returns what moved.
+
+    Nothing moves when ``mlflow.registry_aliases`` is off (smoke and test profiles), so the aliases a user
+    deploys from only ever name models of a full, successful comparison.
+    """
+    if not mlflow.registry_aliases:
+        return {}
+    client = mlflow.client()
+    moved = {alias: str(v) for alias, v in versions.items() if v is not None}
+    for alias, version in moved.items():
+        mlflow.call(client.set_registered_model_alias, mlflow.registered_model_name, alias, version)
+    return moved
 
 
 def register_model(

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import yaml
 
 from pipelines import build_definitions, build_resources
 from pipelines.resources import MLflowResource, StorageResource
@@ -39,6 +40,22 @@ def workspace(tmp_path: Path) -> dict[str, str]:
         "experiment_name": "shapegrpo-test",
         "num_threads": 1,
     }
+
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+
+
+def smoke_run_config(tmp_path: Path, path: Path = SMOKE, **mlflow_config: Any) -> dict[str, Any]:
+    """A configs/*.yaml run config pointed at the workspace's MLflow store.
+
+    The smoke files override some MLflow resource fields (their own experiment and model name, no aliases);
+    Dagster resets the fields such an override leaves out to their defaults, so the workspace's locations go
+    into the override too. ``mlflow_config`` overrides more fields (e.g. ``registry_aliases=True``)."""
+    config = yaml.safe_load(path.read_text())
+    loc = workspace(tmp_path)
+    resource = config.setdefault("resources", {}).setdefault("mlflow", {}).setdefault("config", {})
+    resource.update(tracking_uri=loc["tracking_uri"], artifact_root=loc["artifact_root"], **mlflow_config)
+    return config
 
 
 def resources(tmp_path: Path) -> dict[str, Any]:

@@ -2,17 +2,14 @@
 instance and MLflow store; MLflow then holds every method's runs, per-step metrics, registered versions with
 aliases (champion on the winner, none on a tie) and the comparison artifacts (about 20 s on 2 cores)."""
 
-from pathlib import Path
-
 import dagster as dg
-import yaml
-from pipeline_fixtures import ASSETS, definitions, mlflow_resource
+from pipeline_fixtures import ASSETS, definitions, mlflow_resource, smoke_run_config
 
 from pipelines.assets.evaluation import NO_WINNER
 from pipelines.config import METHODS, TrainConfig
 from pipelines.tracking import TAG_METHOD, TAG_ROOT_RUN, TAG_STAGE, find_runs
 
-SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+MODEL = "shapegrpo-policy"
 
 
 def _materialized(result: dg.ExecuteInProcessResult) -> set[tuple[str, str | None]]:
@@ -20,7 +17,11 @@ def _materialized(result: dg.ExecuteInProcessResult) -> set[tuple[str, str | Non
 
 
 def test_compare_methods_then_retrain(tmp_path) -> None:
-    run_config = yaml.safe_load(SMOKE.read_text())
+    # Smoke sizes with the full profile's registry behaviour (the smoke profile itself moves no alias:
+    # test_pipeline_isolation).
+    run_config = smoke_run_config(
+        tmp_path, experiment_name="shapegrpo-test", registered_model_name=MODEL, registry_aliases=True
+    )
     defs = definitions(tmp_path)
     with dg.instance_for_test() as instance:
         result = defs.resolve_job_def("compare_methods").execute_in_process(

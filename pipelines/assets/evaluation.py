@@ -14,7 +14,7 @@ from pipelines.partitions import method_partitions
 from pipelines.reporting import figure_png, learning_curves, md_preview, png_md
 from pipelines.resources import ComputeResource, MLflowResource, StorageResource
 from pipelines.taskio import load_split, load_task
-from pipelines.tracking import log_file, log_metrics, log_table, root_run_id, stage_run
+from pipelines.tracking import log_file, log_metrics, log_table, root_run_id, set_aliases, stage_run
 from shapegrpo_core import evaluation, policy
 from shapegrpo_core.stats import decide_champion
 
@@ -281,16 +281,17 @@ def method_comparison(
         log_file(mlflow, rid, out_dir / "learning_curves.png", "plots")
         log_file(mlflow, rid, out_dir / "comparison.md")
         mlflow.call(client.set_tag, rid, "winner", verdict)
+        # Aliases move last, and only here: a run that failed earlier, or a smoke profile, moves none.
+        versions = {m: fine_tuned_policy[m].get("model_version") for m in methods}
+        versions["base"] = fine_tuned_policy[methods[0]].get("base_model_version")
         if winner is not None:  # a tie leaves the champion alias where it is
-            champion_version = fine_tuned_policy[winner].get("model_version")
-            if champion_version is not None:
-                mlflow.call(
-                    client.set_registered_model_alias,
-                    mlflow.registered_model_name,
-                    config.champion_alias,
-                    str(champion_version),
-                )
-    context.log.info(f"winner by eval {config.metric}: {verdict} (model version {champion_version})")
+            champion_version = versions[winner]
+            versions[config.champion_alias] = champion_version
+        moved = set_aliases(mlflow, versions)
+    context.log.info(
+        f"winner by eval {config.metric}: {verdict} (model version {champion_version}); aliases moved: "
+        f"{moved or 'none (registry_aliases is off)'}"
+    )
     return dg.Output(
         {
             "winner": winner,
@@ -300,6 +301,7 @@ def method_comparison(
             "paired_differences": decision_pairs.to_dict(orient="records"),
             "champion_alias": config.champion_alias,
             "champion_version": champion_version,
+            "aliases_moved": moved,
             "table": table.to_dict(orient="records"),
             "mlflow_run_id": rid,
             "root_run_id": root_run_id(context),

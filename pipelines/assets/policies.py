@@ -62,11 +62,7 @@ def base_policy(
             metrics |= {k: info[k] for k in ("train_loss", "global_steps", "wall_s")}
             log_file(mlflow, rid, path / policy.WARM_START_INFO)
         log_metrics(mlflow, rid, metrics)
-        registered = (
-            log_policy_model(mlflow, rid, path, method="base", aliases=("base",))
-            if config.register_model
-            else {}
-        )
+        registered = log_policy_model(mlflow, rid, path, method="base") if config.register_model else {}
     metadata |= {k: v for k, v in metrics.items()} | {"mlflow_run_id": rid}
     metadata |= {k: str(v) for k, v in registered.items()}
     return dg.Output(
@@ -155,11 +151,7 @@ def fine_tuned_policy(
                 step=result.global_step,
             )
             log_file(mlflow, rid, path / "train_result.json")
-            registered = (
-                log_policy_model(mlflow, rid, path, method=method, aliases=(method,))
-                if config.register_model
-                else {}
-            )
+            registered = log_policy_model(mlflow, rid, path, method=method) if config.register_model else {}
         results[method] = {
             "path": str(path),
             "mlflow_run_id": rid,
@@ -167,6 +159,7 @@ def fine_tuned_policy(
             "global_step": result.global_step,
             "resumed_from": result.resumed_from,
             "train_seconds": result.train_seconds,
+            "base_model_version": base_policy.get("model_version"),
             **registered,
         }
         metadata[f"{method}/mlflow_run_id"] = rid
