@@ -71,8 +71,10 @@ def test_a_rejected_config_changes_nothing_in_mlflow_or_data(tmp_path) -> None:
     config["ops"]["fine_tuned_policy"]["config"]["learning_rate"] = -0.001
     config["ops"]["task_dataset"]["config"]["task_options"]["movielens_path"] = str(tmp_path / "missing")
     with dg.instance_for_test() as instance:
-        result = definitions(tmp_path).resolve_job_def("compare_methods").execute_in_process(
-            run_config=config, instance=instance, raise_on_error=False
+        result = (
+            definitions(tmp_path)
+            .resolve_job_def("compare_methods")
+            .execute_in_process(run_config=config, instance=instance, raise_on_error=False)
         )
         assert not result.success
         assert [e.step_key for e in result.all_events if e.event_type_value == "STEP_START"] == []

@@ -1,5 +1,6 @@
 """Training domain: the base policy (warm start or a local checkpoint) and a fine-tuned policy per method."""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,21 @@ def base_policy(
     )
 
 
+# Written into a method's run directory once its policy is trained, logged and registered: a re-execution of
+# the step (same root run, same directory) keeps that method's MLflow run and model version instead of
+# training it again into a new, empty run.
+METHOD_RESULT = "method_result.json"
+
+
+def _finished_method(mlflow: MLflowResource, out_dir: Path) -> dict[str, Any] | None:
+    record = out_dir / METHOD_RESULT
+    if not record.is_file():
+        return None
+    done = json.loads(record.read_text())
+    run = mlflow.call(mlflow.client().get_run, done["mlflow_run_id"])
+    return done if run.info.status == "FINISHED" else None
+
+
 @dg.asset(
     group_name="training",
     kinds={"pytorch", "huggingface", "mlflow"},
@@ -106,6 +122,13 @@ def fine_tuned_policy(
     metadata: dict[str, Any] = {}
     for method in context.partition_keys:
         out_dir = storage.run_dir(context, "fine_tuned_policy", method)
+        done = _finished_method(mlflow, out_dir)
+        if done is not None:  # a re-execution after a crash later in the step: keep its run and version
+            context.log.info(f"{method}: trained in this root run already (run {done['mlflow_run_id']})")
+            results[method] = done
+            metadata[f"{method}/mlflow_run_id"] = done["mlflow_run_id"]
+            metadata[f"{method}/reused"] = True
+            continue
         params = config.model_dump(exclude={"training_options", "register_model"}) | {
             "base_model_version": base_policy.get("model_version"),
             "base_path": base_policy["path"],
@@ -152,7 +175,7 @@ def fine_tuned_policy(
             )
             log_file(mlflow, rid, path / "train_result.json")
             registered = log_policy_model(mlflow, rid, path, method=method) if config.register_model else {}
-        results[method] = {
+        results[method] = result_record = {
             "path": str(path),
             "mlflow_run_id": rid,
             "method": method,
@@ -162,6 +185,7 @@ def fine_tuned_policy(
             "base_model_version": base_policy.get("model_version"),
             **registered,
         }
+        (out_dir / METHOD_RESULT).write_text(json.dumps(result_record, indent=1, default=str))
         metadata[f"{method}/mlflow_run_id"] = rid
         metadata[f"{method}/metrics_logged"] = callback.num_logged
         metadata[f"{method}/train_seconds"] = result.train_seconds
