@@ -37,6 +37,7 @@ from typing import Any
 import dagster as dg
 import yaml
 
+from pipelines.validation import require_valid_settings
 from shapegrpo_core.tasks import movielens
 
 INCOMING_ENV = "SHAPEGRPO_INCOMING_DIR"
@@ -254,6 +255,7 @@ def build_incoming_sensor(
                 if job is not None:
                     # A bad sizing file fails this tick (and keeps the dataset pending), never a run.
                     dg.validate_run_config(job, run_config)
+                require_valid_settings(run_config)  # ranges, task options, the dataset itself
                 requests.append(_request(dataset, run_config, source))
                 fired[dataset.name] = dataset.fingerprint
                 context.log.info(

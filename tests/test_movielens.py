@@ -33,32 +33,34 @@ RATINGS = [
 ]
 
 
-def write_latest(root: Path) -> Path:
+def write_latest(root: Path, movies: list = MOVIES, ratings: list = RATINGS) -> Path:
     """ml-latest-small layout: ratings.csv + movies.csv (genres "|"-separated, "(no genres listed)")."""
     root.mkdir(parents=True, exist_ok=True)
     lines = ["movieId,title,genres"]
-    for mid, title, genres in MOVIES:
+    for mid, title, genres in movies:
         quoted = f'"{title}"' if "," in title else title
         lines.append(f"{mid},{quoted},{'|'.join(genres) or '(no genres listed)'}")
     (root / "movies.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     lines = ["userId,movieId,rating,timestamp"]
-    lines += [f"{u},{m},{r},{t}" for u, m, r, t in RATINGS]
+    lines += [f"{u},{m},{r},{t}" for u, m, r, t in ratings]
     (root / "ratings.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
 
-def write_100k(root: Path, with_genre_file: bool = True) -> Path:
+def write_100k(
+    root: Path, with_genre_file: bool = True, movies: list = MOVIES, ratings: list = RATINGS
+) -> Path:
     """ml-100k layout: u.data (tabs) + u.item (pipes, 19 genre flags, latin-1) [+ u.genre]."""
     root.mkdir(parents=True, exist_ok=True)
     names = movielens.ML100K_GENRES
     lines = []
-    for mid, title, genres in MOVIES:
+    for mid, title, genres in movies:
         flags = ["1" if g in genres else "0" for g in names]
         if not genres:
             flags[0] = "1"  # ml-100k marks genre-less movies "unknown"
         lines.append("|".join([str(mid), title, "01-Jan-1995", "", "http://example.invalid/x", *flags]))
     (root / "u.item").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
-    data = [f"{u}\t{m}\t{int(r)}\t{t}" for u, m, r, t in RATINGS]
+    data = [f"{u}\t{m}\t{int(r)}\t{t}" for u, m, r, t in ratings]
     (root / "u.data").write_text("\n".join(data) + "\n")
     if with_genre_file:
         (root / "u.genre").write_text("".join(f"{g}|{i}\n" for i, g in enumerate(names)) + "\n")

@@ -9,9 +9,11 @@ import dagster as dg
 import pytest
 import yaml
 from pipeline_fixtures import definitions
-from test_movielens import write_100k, write_latest
+from test_movielens import write_100k as _write_100k
+from test_movielens import write_latest as _write_latest
 
 from pipelines.sensors import INCOMING_ENV, RUN_CONFIG_ENV, SETTLE_ENV, build_incoming_sensor
+from pipelines.validation import InvalidSettingsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +26,23 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+# A dataset the recsys task accepts with the job's defaults and with configs/smoke.yaml (the sensor checks
+# every setting, the dataset included, before it requests a run): 40 movies, 30 users x 16 ratings.
+_GENRES = ["Action", "Comedy", "Drama", "Romance", "Thriller"]
+MOVIES = [(m, f"Movie {m} ({1990 + m % 10})", [_GENRES[m % 5], _GENRES[(m // 5) % 5]]) for m in range(1, 41)]
+RATINGS = [
+    (u, 1 + (u * 7 + j * 3) % 40, float(1 + (u + j) % 5), 1000 + j) for u in range(1, 31) for j in range(16)
+]
+
+
+def write_latest(root: Path) -> Path:
+    return _write_latest(root, movies=MOVIES, ratings=RATINGS)
+
+
+def write_100k(root: Path) -> Path:
+    return _write_100k(root, movies=MOVIES, ratings=RATINGS)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +125,7 @@ def test_data_still_being_written_never_fires(env) -> None:
     ratings = folder / "ratings.csv"
     for step in range(4):  # complete from the start, but growing at every evaluation
         with open(ratings, "a") as f:
-            f.write(f"1,50,3.0,{1000 + step}\n")
+            f.write(f"31,{5 + step},3.0,{1000 + step}\n")
         assert not tick(after=40).run_requests
     _touch(ratings, 5)  # same size, new mtime (rewritten in place): still not settled
     assert not tick(after=40).run_requests
@@ -160,6 +179,12 @@ def test_run_size_comes_from_the_named_run_config(env, tmp_path, monkeypatch) ->
         ("- just\n- a list\n", ValueError, "must hold a mapping"),
         ("ops: {task_dataset: {config: {task: code}}}\n", ValueError, "sets task 'code'"),
         ("ops: {base_policy: {config: {max_stepz: 3}}}\n", dg.DagsterInvalidConfigError, "max_stepz"),
+        ("ops: {fine_tuned_policy: {config: {learning_rate: -1}}}\n", InvalidSettingsError, "learning_rate"),
+        (  # settings the dataset cannot satisfy: a run would fail in its first step
+            "ops: {task_dataset: {config: {task_options: {holdout: 16}}}}\n",
+            InvalidSettingsError,
+            "holdout=16",
+        ),
     ],
 )
 def test_a_bad_run_config_fails_the_tick_and_keeps_the_dataset_pending(
