@@ -22,7 +22,7 @@ from typing import Any
 import dagster as dg
 
 from pipelines.assets import all_assets
-from pipelines.checks import all_checks
+from pipelines.checks import DataQualityResource, all_checks
 from pipelines.jobs import all_jobs, all_schedules
 from pipelines.resources import (
     DEFAULT_EXPERIMENT,
@@ -61,6 +61,8 @@ def build_resources(
             num_threads=num_threads if num_threads is not None else int(env("SHAPEGRPO_NUM_THREADS", "1")),
         ),
         "storage": StorageResource(root_dir=data),
+        # Thresholds of the blocking data checks; a run config's resources.data_quality overrides them.
+        "data_quality": DataQualityResource(),
         "io_manager": ManifestIOManager(base_dir=str(Path(data) / "assets")),
     }
 

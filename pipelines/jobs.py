@@ -7,19 +7,34 @@ Both jobs carry run tags that cover every method partition, so one run trains an
 import dagster as dg
 
 from pipelines.partitions import ALL_METHODS_TAGS
+from pipelines.reporting import comparison_summary
+
+
+@dg.success_hook(name="print_comparison")
+def print_comparison(context: dg.HookContext) -> None:
+    """Print the comparison table and the report's path once ``method_comparison`` succeeds, so that
+    `dagster job execute` ends with them instead of only Dagster's event log."""
+    if context.op.name != "method_comparison":
+        return
+    result = context.op_output_values.get("result")
+    if result:
+        print(comparison_summary(result), flush=True)
+
 
 compare_methods = dg.define_asset_job(
     name="compare_methods",
     selection=dg.AssetSelection.all(),
     tags=ALL_METHODS_TAGS,
-    description="The full chain: dataset, base policy, rollouts, utilities, credits, fine-tuning per method, "
-    "evaluation and the comparison (champion alias).",
+    hooks={print_comparison},
+    description="The full chain: dataset, base policy, rollouts, their scores, credits, fine-tuning per "
+    "method, evaluation and the comparison (champion alias).",
 )
 
 retrain = dg.define_asset_job(
     name="retrain",
     selection=dg.AssetSelection.assets("fine_tuned_policy", "policy_evaluation", "method_comparison"),
     tags=ALL_METHODS_TAGS,
+    hooks={print_comparison},
     description="Fine-tune every method from the current base policy, evaluate and compare.",
 )
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import math
+import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,73 @@ def md_preview(df: pd.DataFrame, max_rows: int = 10, max_chars: int = 60) -> dg.
                 lambda v: s if len(s := str(v)) <= max_chars else s[: max_chars - 1] + "…"
             )
     return dg.MetadataValue.md(head.to_markdown(index=False, floatfmt=".4g"))
+
+
+def _cell(value: Any) -> Any:
+    """A JSON-safe table cell: NaN/None -> None (the UI cannot parse NaN), floats to 4 significant digits."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(f"{float(value):.4g}")
+    return str(value)
+
+
+def table_metadata(df: pd.DataFrame) -> dg.MetadataValue:
+    """``df`` as Dagster table metadata (schema + records), which the UI renders inline on the asset page
+    (markdown over 1,000 characters hides behind "[Show Markdown]")."""
+    kinds = {"b": "bool", "i": "int", "u": "int", "f": "float"}
+    schema = dg.TableSchema(
+        columns=[dg.TableColumn(str(c), kinds.get(df[c].dtype.kind, "string")) for c in df.columns]
+    )
+    records = [dg.TableRecord({str(k): _cell(v) for k, v in row.items()}) for row in df.to_dict("records")]
+    return dg.MetadataValue.table(records, schema=schema)
+
+
+# Where `mlflow ui --backend-store-uri ...` serves by default; SHAPEGRPO_MLFLOW_UI_URL points elsewhere.
+DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
+
+
+def mlflow_ui_url(tracking_uri: str) -> str:
+    """The MLflow UI that serves this store: SHAPEGRPO_MLFLOW_UI_URL, else an http(s) tracking server
+    itself, else the local ``mlflow ui`` default."""
+    if url := os.environ.get("SHAPEGRPO_MLFLOW_UI_URL"):
+        return url.rstrip("/")
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return DEFAULT_MLFLOW_UI_URL
+
+
+def mlflow_artifact_image_md(ui_url: str, run_id: str, artifact_path: str, alt: str) -> dg.MetadataValue:
+    """A short markdown image of a run's PNG artifact as the MLflow UI serves it (``/get-artifact``): short
+    enough for the Dagster UI to render inline while that MLflow UI runs."""
+    query = urllib.parse.urlencode({"path": artifact_path, "run_uuid": run_id})
+    return dg.MetadataValue.md(f"![{alt}]({ui_url}/get-artifact?{query})")
+
+
+COMPARISON_MARKER = "=" * 30 + " ShapE-GRPO method comparison " + "=" * 30
+
+
+def comparison_summary(result: Mapping[str, Any]) -> str:
+    """What the end of a comparison run prints: the table, the verdict and where the report is."""
+    hidden = {"train_run_id", "eval_run_id"}
+    table = pd.DataFrame(result["table"])
+    table = table.drop(columns=[c for c in table.columns if c in hidden])
+    lines = [
+        COMPARISON_MARKER,
+        table.to_markdown(index=False, floatfmt=".4g"),
+        "",
+        f"Winner by {result['metric']}: {result['winner'] or 'no significant winner'} ({result['reason']})",
+        f"Aliases moved: {result['aliases_moved'] or 'none'}",
+        f"Report: {result['report_path']}",
+        f"Learning curves: {result['learning_curves_path']}",
+        f"MLflow compare run: {result['mlflow_run_id']}",
+        "=" * len(COMPARISON_MARKER),
+    ]
+    return "\n".join(lines)
 
 
 def figure_png(fig: Any, path: Path | None = None, dpi: int = 80) -> bytes:

@@ -7,7 +7,7 @@ Run layout in the experiment (the MLflow UI's compare view lines methods up by t
     dagster-<job>-<root run id[:8]>            stage=pipeline, dagster.root_run_id=...
       ├─ data                                  stage=data
       ├─ base_policy-base                      stage=base_policy, method=base  (model version, alias "base")
-      ├─ rollouts, utilities, credit           stage=rollouts | utilities | credit  (tables, histograms)
+      ├─ rollouts, scores, credit              stage=rollouts | scores | credit  (tables, histograms)
       ├─ train-grpo, train-shapegrpo, ...      stage=train, method=<m>         (step metrics, model version)
       ├─ eval-base, eval-grpo, ...             stage=eval, method=<m>          (metrics, response tables)
       └─ compare                               stage=compare                   (table, curves, champion)

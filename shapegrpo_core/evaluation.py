@@ -16,6 +16,7 @@ Metrics (per response, then averaged):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -28,12 +29,14 @@ import pandas as pd
 import torch
 
 from shapegrpo_core.candidates import Candidate
-from shapegrpo_core.games import Game
+from shapegrpo_core.games import Game, game_from_dict, game_to_dict
 from shapegrpo_core.tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
 SCORER_ERRORS = ("raise", "nan")
+# Extra columns of score_completions(keep_games=True): enough to rebuild each ResponseScore.
+GAME_COLUMNS = ("candidates", "spans", "singleton_utilities", "num_duplicates", "format_valid", "game")
 METRICS = (
     "set_utility",
     "candidate_utility",
@@ -374,17 +377,38 @@ class EvalReport:
         return flat
 
 
+def _stored_score(
+    candidates: Sequence[Candidate], singles: Sequence[float], num_duplicates: int, valid: bool, game: str
+) -> dict[str, Any]:
+    """The GAME_COLUMNS of one response (``game`` = "" for a failed scorer)."""
+    return {
+        "candidates": [c.text for c in candidates],
+        "spans": [[c.start, c.end] for c in candidates],
+        "singleton_utilities": [float(u) for u in singles],
+        "num_duplicates": int(num_duplicates),
+        "format_valid": bool(valid),
+        "game": game,
+    }
+
+
 def score_completions(
     task: Task,
     examples: Sequence[Mapping[str, Any]],
     completions: Sequence[Sequence[str]],
     num_candidates: int | None = None,
     scorer_errors: str = "nan",
+    *,
+    keep_games: bool = False,
 ) -> pd.DataFrame:
     """Per-response table for ``completions[i][s]`` = sample s for ``examples[i]``.
 
     All responses are scored in one batch (:func:`score_responses`). A response whose scorer fails (see
     :func:`try_score_response`) has NaN utilities; it still counts in the format and duplicate rates.
+
+    ``keep_games=True`` adds what :func:`scores_from_table` needs to rebuild every :class:`ResponseScore`
+    without scoring again (columns in :data:`GAME_COLUMNS`: the scored candidates and their spans, U({i}),
+    duplicates, format validity and the game as JSON, ``""`` for a failed scorer), so credit can be computed
+    later from the stored table (the pipeline's ``rollout_scores``).
     """
     if len(examples) != len(completions):
         raise ValueError(f"{len(examples)} examples but {len(completions)} completion lists")
@@ -399,6 +423,7 @@ def score_completions(
             parsed = task.parse(text)
             scored = parsed[:k]
             nan = float("nan")
+            stored = _stored_score(scored, [], count_duplicates(scored), task.format_valid(text), "")
             row = {
                 "num_parsed": len(parsed),
                 "num_scored": len(scored),
@@ -410,6 +435,9 @@ def score_completions(
                 "format_valid_rate": float(task.format_valid(text)),
             }
         else:
+            game = json.dumps(game_to_dict(r.game)) if keep_games else ""
+            singles = r.singleton_utilities
+            stored = _stored_score(r.candidates, singles, r.num_duplicates, r.format_valid, game)
             row = {
                 "num_parsed": r.num_parsed,
                 "num_scored": r.num_scored,
@@ -420,7 +448,7 @@ def score_completions(
                 "duplicate_rate": r.duplicate_rate,
                 "format_valid_rate": float(r.format_valid),
             }
-        rows.append({"prompt_index": i, "sample": s, "completion": text, **row})
+        rows.append({"prompt_index": i, "sample": s, "completion": text, **row, **stored})
     columns = [
         "prompt_index",
         "sample",
@@ -430,8 +458,39 @@ def score_completions(
         "set_utility",
         "u0",
         *METRICS[1:],
+        *(GAME_COLUMNS if keep_games else ()),
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+def scores_from_table(table: pd.DataFrame) -> list[ResponseScore | None]:
+    """The :class:`ResponseScore` of every row of a ``score_completions(..., keep_games=True)`` table, in
+    row order (None where the scorer had failed), rebuilt from the stored values: no task, no scoring."""
+    missing = [c for c in ("completion", "num_parsed", "set_utility", "u0", *GAME_COLUMNS) if c not in table]
+    if missing:
+        raise ValueError(f"a scores table needs the columns {missing} (score_completions(keep_games=True))")
+    out: list[ResponseScore | None] = []
+    for row in table.itertuples(index=False):
+        if not row.game:
+            out.append(None)
+            continue
+        candidates = tuple(
+            Candidate(str(text), int(start), int(end))
+            for text, (start, end) in zip(row.candidates, row.spans, strict=True)
+        )
+        out.append(
+            ResponseScore(
+                candidates=candidates,
+                num_parsed=int(row.num_parsed),
+                game=game_from_dict(json.loads(row.game)),
+                set_utility=float(row.set_utility),
+                u0=float(row.u0),
+                singleton_utilities=np.asarray(row.singleton_utilities, dtype=np.float64),
+                num_duplicates=int(row.num_duplicates),
+                format_valid=bool(row.format_valid),
+            )
+        )
+    return out
 
 
 def summarize_responses(

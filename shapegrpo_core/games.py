@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -474,6 +475,88 @@ class CallableGame:
 
 
 Game = SumOfMaxGame | ChoiceGame | CallableGame
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage: a game as plain JSON-able values (so a scored response can be stored and credited later)
+# --------------------------------------------------------------------------------------------------
+
+# A callable game's function cannot be stored, so its 2^K coalition values are; beyond this K that table
+# would be too large (2^16 = 65,536 values) and the game has to be credited where it is built.
+MAX_STORED_CALLABLE_PLAYERS = 16
+
+
+def _stored_array(record: Mapping[str, Any], name: str) -> np.ndarray:
+    return np.asarray(record[name], dtype=np.float64).reshape(record[f"{name}_shape"])
+
+
+def game_to_dict(game: Game) -> dict[str, Any]:
+    """A JSON-able description of an unbatched game from which :func:`game_from_dict` rebuilds a game with
+    the same fields, hence the same values and the same Shapley values (bit for bit, same engine).
+
+    Sum-of-max and choice games store their arrays; a callable game stores the values of all 2^K coalitions
+    (its function cannot be stored), rebuilt as a callable game that looks them up.
+    """
+    if tuple(game.batch_shape) != ():
+        raise ValueError(f"game_to_dict stores unbatched games, got batch_shape {game.batch_shape}")
+    if isinstance(game, SumOfMaxGame):
+        arrays = {"scores": game.scores, "weights": game.weights, "floors": game.floors}
+        out: dict[str, Any] = {"kind": "sum_of_max", "mask": game.mask.tolist()}
+    elif isinstance(game, ChoiceGame):
+        arrays = {"values": game.values, "attraction": game.attraction}
+        out = {
+            "kind": "choice",
+            "mask": game.mask.tolist(),
+            "outside_attraction": float(game.outside_attraction),
+            "outside_value": float(game.outside_value),
+        }
+    elif isinstance(game, CallableGame):
+        if game.num_players > MAX_STORED_CALLABLE_PLAYERS:
+            raise ValueError(
+                f"a callable game of {game.num_players} players is too large to store (2^K coalition values; "
+                f"at most {MAX_STORED_CALLABLE_PLAYERS} players)"
+            )
+        arrays = {"values": game.all_values()}
+        out = {"kind": "table", "num_players": game.num_players}
+    else:
+        raise ValueError(f"cannot store a game of type {type(game).__name__}")
+    for name, arr in arrays.items():
+        # JSON floats round-trip exactly (repr); shapes are kept because an empty axis cannot be inferred.
+        out[name] = np.asarray(arr, dtype=np.float64).ravel().tolist()
+        out[f"{name}_shape"] = list(np.shape(arr))
+    return out
+
+
+def game_from_dict(record: Mapping[str, Any]) -> Game:
+    """The game :func:`game_to_dict` stored."""
+    kind = record.get("kind")
+    if kind == "sum_of_max":
+        return SumOfMaxGame(
+            scores=_stored_array(record, "scores"),
+            weights=_stored_array(record, "weights"),
+            floors=_stored_array(record, "floors"),
+            mask=np.asarray(record["mask"], dtype=bool),
+        )
+    if kind == "choice":
+        return ChoiceGame(
+            values=_stored_array(record, "values"),
+            attraction=_stored_array(record, "attraction"),
+            outside_attraction=float(record["outside_attraction"]),
+            outside_value=float(record["outside_value"]),
+            mask=np.asarray(record["mask"], dtype=bool),
+        )
+    if kind == "table":
+        k = int(record["num_players"])
+        table = _stored_array(record, "values")
+        if table.shape != (2**k,):
+            raise ValueError(f"a stored callable game of {k} players needs 2^{k} values, got {table.shape}")
+        bits = 1 << np.arange(k)
+
+        def lookup(coalition: frozenset[int]) -> float:
+            return float(table[int(bits[list(coalition)].sum())])
+
+        return CallableGame(lookup, k)
+    raise ValueError(f"unknown stored game kind {kind!r} (expected sum_of_max, choice or table)")
 
 
 def _batched_coalitions(c: np.ndarray, batch: int) -> np.ndarray:

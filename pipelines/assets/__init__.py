@@ -4,13 +4,13 @@ from pipelines.assets.credit import shapley_credits
 from pipelines.assets.data import task_dataset
 from pipelines.assets.evaluation import method_comparison, policy_evaluation
 from pipelines.assets.policies import base_policy, fine_tuned_policy
-from pipelines.assets.rollouts import candidate_sets, candidate_utilities
+from pipelines.assets.rollouts import candidate_sets, rollout_scores
 
 all_assets = [
     task_dataset,
     base_policy,
     candidate_sets,
-    candidate_utilities,
+    rollout_scores,
     shapley_credits,
     fine_tuned_policy,
     policy_evaluation,
@@ -21,10 +21,10 @@ __all__ = [
     "all_assets",
     "base_policy",
     "candidate_sets",
-    "candidate_utilities",
     "fine_tuned_policy",
     "method_comparison",
     "policy_evaluation",
+    "rollout_scores",
     "shapley_credits",
     "task_dataset",
 ]

@@ -1,20 +1,16 @@
 """Credit domain: Shapley (and leave-one-out) credit per candidate, candidate rewards and advantages under
 each allocation, and free-rider statistics."""
 
-from typing import Any
-
 import dagster as dg
-import numpy as np
 import pandas as pd
 
 from pipelines.config import CreditConfig
 from pipelines.reporting import figure_png, histogram, md_preview, png_md
 from pipelines.resources import MLflowResource, StorageResource
-from pipelines.taskio import load_rows, load_task
 from pipelines.tracking import log_file, log_metrics, log_table, stage_run
+from shapegrpo_core import evaluation
 from shapegrpo_core.credit import ALLOCATIONS
 from shapegrpo_core.credit_table import credit_table, free_rider_stats
-from shapegrpo_core.evaluation import score_responses
 
 
 @dg.asset(
@@ -27,37 +23,25 @@ from shapegrpo_core.evaluation import score_responses
 def shapley_credits(
     context: dg.AssetExecutionContext,
     config: CreditConfig,
-    task_dataset: dict[str, Any],
-    candidate_sets: pd.DataFrame,
-    candidate_utilities: pd.DataFrame,
+    rollout_scores: pd.DataFrame,
     mlflow: MLflowResource,
     storage: StorageResource,
 ) -> dg.Output[pd.DataFrame]:
-    task = load_task(task_dataset)
-    sets = candidate_sets.sort_values(["prompt_index", "generation"]).reset_index(drop=True)
-    examples = load_rows(task_dataset, "train", limit=int(sets["prompt_index"].max()) + 1)
-    scores = score_responses(
-        task, list(sets["completion"]), [examples[int(i)] for i in sets["prompt_index"]], scorer_errors="nan"
-    )
+    # Credit from the stored games: the rollouts were scored once, by rollout_scores (no task, no sandbox).
+    scores = evaluation.scores_from_table(rollout_scores)
     # The format penalty is applied, so rho and the advantages are the ones training would assign to these
     # rollouts (the penalty shifts an invalid response's whole game: phi and the efficiency check are
     # unchanged). format_penalty=0 shows the unpenalised credit.
     df = credit_table(
         scores,
-        sets["prompt_index"].to_numpy(),
-        sets["generation"].to_numpy(),
+        rollout_scores["prompt_index"].to_numpy(),
+        rollout_scores["generation"].to_numpy(),
         lam=config.lam,
         scale_rewards=config.scale_rewards,
         engine=config.engine,
         seed=config.seed,
         format_penalty=config.format_penalty,
     )
-    # Hand-off guard: the set utilities credited here are the ones recorded upstream.
-    keys = ["prompt_index", "generation"]
-    upstream = candidate_utilities.drop_duplicates(keys).set_index(keys)["set_utility"]
-    here = df.drop_duplicates(keys).set_index(keys)["set_utility"]
-    if not np.allclose(upstream.reindex(here.index).to_numpy(float), here.to_numpy(float), equal_nan=True):
-        raise ValueError("set utilities differ from candidate_utilities: rematerialize candidate_utilities")
     stats = free_rider_stats(df, config.free_rider_tol)
     real = df[df["candidate_index"] >= 0]
     out_dir = storage.run_dir(context, "shapley_credits")

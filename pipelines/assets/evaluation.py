@@ -9,9 +9,19 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from pipelines.checks import DataQualityResource
 from pipelines.config import METHODS, ComparisonConfig, EvalConfig
 from pipelines.partitions import method_partitions
-from pipelines.reporting import figure_png, learning_curves, md_preview, png_md
+from pipelines.reporting import (
+    comparison_summary,
+    figure_png,
+    learning_curves,
+    md_preview,
+    mlflow_artifact_image_md,
+    mlflow_ui_url,
+    png_md,
+    table_metadata,
+)
 from pipelines.resources import ComputeResource, MLflowResource, StorageResource
 from pipelines.taskio import load_split, load_task
 from pipelines.tracking import log_file, log_metrics, log_table, root_run_id, set_aliases, stage_run
@@ -19,6 +29,7 @@ from shapegrpo_core import evaluation, policy
 from shapegrpo_core.stats import decide_champion
 
 CHECK_FINITE = "check_eval_utility_finite"
+CHECK_SAMPLE_SIZE = "check_eval_sample_size"
 CHECK_NOT_WORSE = "check_not_worse_than_base"
 NO_WINNER = "no significant winner"
 UNIT_KEYS = ("prompt_index", "sample")
@@ -42,6 +53,14 @@ def paired_units(units: dict[str, dict[str, float]]) -> dict[str, list[float]]:
         if all(math.isfinite(u.get(k, math.nan)) for u in units.values())
     ]
     return {m: [u[k] for k in keys] for m, u in units.items()}
+
+
+def scored_prompts(units: dict[str, dict[str, float]]) -> int:
+    """How many eval prompts have a finite score for every policy in ``units`` (the independent units the
+    comparison rests on; keys are ``"prompt_index:sample"``)."""
+    first = next(iter(units.values()))
+    keys = [k for k in first if all(math.isfinite(u.get(k, math.nan)) for u in units.values())]
+    return len({k.split(":")[0] for k in keys})
 
 
 def _evaluate(
@@ -94,6 +113,14 @@ def _log_report(
     backfill_policy=dg.BackfillPolicy.single_run(),
     check_specs=[
         dg.AssetCheckSpec(
+            CHECK_SAMPLE_SIZE,
+            asset="policy_evaluation",
+            blocking=True,
+            description="At least data_quality.min_eval_prompts eval prompts (default 6) have a finite set "
+            "utility for every policy; fewer cannot tell methods apart, so the comparison (and the champion "
+            "alias) does not run on them.",
+        ),
+        dg.AssetCheckSpec(
             CHECK_FINITE,
             asset="policy_evaluation",
             blocking=True,
@@ -118,6 +145,7 @@ def policy_evaluation(
     mlflow: MLflowResource,
     storage: StorageResource,
     compute: ComputeResource,
+    data_quality: DataQualityResource,
 ):
     device = compute.resolved_device()
     # The base policy is evaluated once per run (and eval settings), whatever the number of method partitions.
@@ -159,6 +187,14 @@ def policy_evaluation(
     metadata["base/set_utility"] = base["metrics"]["set_utility"]
     yield dg.Output(results, metadata=metadata)
 
+    units = {"base": base["units"]["set_utility"]}
+    units |= {m: r["units"]["set_utility"] for m, r in results.items()}
+    prompts = scored_prompts(units)
+    yield dg.AssetCheckResult(
+        check_name=CHECK_SAMPLE_SIZE,
+        passed=prompts >= data_quality.min_eval_prompts,
+        metadata={"num_scored_prompts": prompts, "min_eval_prompts": data_quality.min_eval_prompts},
+    )
     utilities = {"base": base["metrics"]["set_utility"]} | {
         m: r["metrics"]["set_utility"] for m, r in results.items()
     }
@@ -266,7 +302,8 @@ def method_comparison(
     png = figure_png(
         learning_curves(curves, "Learning curves (from MLflow)"), out_dir / "learning_curves.png"
     )
-    (out_dir / "comparison.md").write_text(
+    report_path = out_dir / "comparison.md"
+    report_path.write_text(
         table.to_markdown(index=False, floatfmt=".4g")
         + f"\n\nWinner by {config.metric}: {verdict}\n\n{reason}\n\n"
         + "Paired differences (best mean − other; eval units = prompt × sample, common random numbers):\n\n"
@@ -279,8 +316,9 @@ def method_comparison(
     ) as rid:
         log_table(mlflow, rid, table, "method_comparison", out_dir)
         log_file(mlflow, rid, out_dir / "learning_curves.png", "plots")
-        log_file(mlflow, rid, out_dir / "comparison.md")
+        log_file(mlflow, rid, report_path)
         mlflow.call(client.set_tag, rid, "winner", verdict)
+        _log_final_eval(mlflow, table)
         # Aliases move last, and only here: a run that failed earlier, or a smoke profile, moves none.
         versions = {m: fine_tuned_policy[m].get("model_version") for m in methods}
         versions["base"] = fine_tuned_policy[methods[0]].get("base_model_version")
@@ -288,34 +326,59 @@ def method_comparison(
             champion_version = versions[winner]
             versions[config.champion_alias] = champion_version
         moved = set_aliases(mlflow, versions)
-    context.log.info(
-        f"winner by eval {config.metric}: {verdict} (model version {champion_version}); aliases moved: "
-        f"{moved or 'none (registry_aliases is off)'}"
-    )
+    result = {
+        "winner": winner,
+        "tied": top if winner is None else [],
+        "metric": config.metric,
+        "reason": reason,
+        "paired_differences": decision_pairs.to_dict(orient="records"),
+        "champion_alias": config.champion_alias,
+        "champion_version": champion_version,
+        "aliases_moved": moved,
+        "table": table.to_dict(orient="records"),
+        "report_path": str(report_path),
+        "learning_curves_path": str(out_dir / "learning_curves.png"),
+        "mlflow_run_id": rid,
+        "root_run_id": root_run_id(context),
+    }
+    # The job's success hook prints this summary at the end of `dagster job execute`; the log keeps it too.
+    context.log.info("\n" + comparison_summary(result))
+    shown = table.drop(columns=["train_run_id", "eval_run_id"], errors="ignore")
+    ui = mlflow_ui_url(mlflow.resolved_tracking_uri())
     return dg.Output(
-        {
-            "winner": winner,
-            "tied": top if winner is None else [],
-            "metric": config.metric,
-            "reason": reason,
-            "paired_differences": decision_pairs.to_dict(orient="records"),
-            "champion_alias": config.champion_alias,
-            "champion_version": champion_version,
-            "aliases_moved": moved,
-            "table": table.to_dict(orient="records"),
-            "mlflow_run_id": rid,
-            "root_run_id": root_run_id(context),
-        },
+        result,
         metadata={
             "winner": verdict,
             "tied": ", ".join(top) if winner is None else "",
             "reason": reason,
-            "paired_differences": md_preview(decision_pairs, 20) if len(decision_pairs) else "(none)",
+            "comparison": table_metadata(shown),
+            "paired_differences": table_metadata(decision_pairs) if len(decision_pairs) else "(none)",
             "champion_version": str(champion_version),
-            "comparison": md_preview(
-                table.drop(columns=["train_run_id", "eval_run_id"], errors="ignore"), 20
+            "learning_curves": mlflow_artifact_image_md(
+                ui, rid, "plots/learning_curves.png", "learning curves"
             ),
-            "learning_curves": png_md(png, "learning curves"),
+            "learning_curves_embedded": png_md(png, "learning curves"),
+            "report_path": dg.MetadataValue.path(str(report_path)),
             "mlflow_run_id": rid,
         },
     )
+
+
+# Prefix of the comparison's numbers logged on each method's training run (and the base policy's eval run),
+# so MLflow's compare view of those runs shows the final eval side by side under the same names.
+FINAL_EVAL = "final_eval"
+
+
+_NOT_METRICS = {"method", "model_version", "train_run_id", "eval_run_id"}
+_TRAIN_ONLY = {"train_steps", "final_train_metric"}
+
+
+def _log_final_eval(mlflow: MLflowResource, table: pd.DataFrame) -> None:
+    for row in table.to_dict("records"):
+        base = row["method"] == "base"
+        run_id = row["eval_run_id"] if base else row["train_run_id"]
+        skip = _NOT_METRICS | (_TRAIN_ONLY if base else set())
+        values = {f"{FINAL_EVAL}/{c}": v for c, v in row.items() if c not in skip and v is not None}
+        # At the last training step, where the run's curves end (the base policy was not trained: step 0).
+        step = 0 if base else int(row["train_steps"])
+        log_metrics(mlflow, run_id, values, step=step)

@@ -1,17 +1,20 @@
-"""Rollouts domain: responses of the base policy parsed into candidate sets, and their utilities."""
+"""Rollouts domain: responses of the base policy parsed into candidate sets, and their scores (once)."""
 
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
+from pipelines.checks import scorer_failure_rate, tied_group_rate
 from pipelines.config import RolloutConfig
 from pipelines.reporting import md_preview
 from pipelines.resources import ComputeResource, GenerationResource, MLflowResource, StorageResource
 from pipelines.taskio import load_rows, load_task
 from pipelines.tracking import log_metrics, log_table, stage_run
-from shapegrpo_core import policy
-from shapegrpo_core.evaluation import count_duplicates, score_responses
+from shapegrpo_core import evaluation, policy
+from shapegrpo_core.evaluation import count_duplicates
+
+KEYS = ["prompt_index", "generation"]
 
 
 @dg.asset(
@@ -88,11 +91,12 @@ def candidate_sets(
 @dg.asset(
     group_name="rollouts",
     kinds={"python", "parquet"},
-    description="The task's game for every candidate set: set utility R = U(all), u0 = U(empty) and each "
-    "candidate's own utility U({i}). One row per candidate (a response with no candidate gets one row, "
-    "index -1).",
+    description="Every rollout scored once by the task: set utility R = U(scored candidates), u0, each "
+    "candidate's own utility U({i}) and the game itself (JSON), one row per response. The credit stage "
+    "computes credit from this table; nothing downstream scores these rollouts again (for `code`: each "
+    "candidate goes through the sandbox once).",
 )
-def candidate_utilities(
+def rollout_scores(
     context: dg.AssetExecutionContext,
     task_dataset: dict[str, Any],
     candidate_sets: pd.DataFrame,
@@ -100,43 +104,29 @@ def candidate_utilities(
     storage: StorageResource,
 ) -> dg.Output[pd.DataFrame]:
     task = load_task(task_dataset)
-    examples = load_rows(task_dataset, "train", limit=int(candidate_sets["prompt_index"].max()) + 1)
+    sets = candidate_sets.sort_values(KEYS)
+    groups = [list(g["completion"]) for _, g in sets.groupby("prompt_index", sort=True)]
+    num_prompts = len(groups)
+    if sorted(set(sets["prompt_index"])) != list(range(num_prompts)):
+        raise ValueError("candidate_sets must hold prompts 0..P-1 of the train split; rematerialize it")
+    examples = load_rows(task_dataset, "train", limit=num_prompts)
     # The trainer's scorer, one task.games call for the batch: a response whose scoring fails is a recorded
     # NaN set utility, not a crash (docs/method.md, "Advantages").
-    scores = score_responses(
-        task,
-        list(candidate_sets["completion"]),
-        [examples[int(i)] for i in candidate_sets["prompt_index"]],
-        scorer_errors="nan",
-    )
-    records = []
-    for (_, resp), score in zip(candidate_sets.iterrows(), scores, strict=True):
-        base = {
-            "prompt_index": int(resp["prompt_index"]),
-            "generation": int(resp["generation"]),
-            "num_scored": score.num_scored if score else 0,
-            "set_utility": score.set_utility if score else float("nan"),
-            "u0": score.u0 if score else float("nan"),
-        }
-        if score is None or not score.candidates:
-            records.append(base | {"candidate_index": -1, "candidate": "", "candidate_utility": base["u0"]})
-            continue
-        for i, (cand, u) in enumerate(zip(score.candidates, score.singleton_utilities, strict=True)):
-            records.append(
-                base | {"candidate_index": i, "candidate": cand.text, "candidate_utility": float(u)}
-            )
-    df = pd.DataFrame.from_records(records)
-    per_set = df.drop_duplicates(["prompt_index", "generation"])
+    df = evaluation.score_completions(task, examples, groups, scorer_errors="nan", keep_games=True)
+    df = df.rename(columns={"sample": "generation"})
     stats = {
-        "num_candidates": int((df["candidate_index"] >= 0).sum()),
-        "num_sets": len(per_set),
-        "mean_set_utility": float(per_set["set_utility"].mean()),
-        "mean_candidate_utility": float(df.loc[df["candidate_index"] >= 0, "candidate_utility"].mean()),
-        "num_nan_sets": int(per_set["set_utility"].isna().sum()),
+        "num_sets": len(df),
+        "num_candidates": int(df["num_scored"].sum()),
+        "mean_set_utility": float(df["set_utility"].mean()),
+        "mean_candidate_utility": float(df["candidate_utility"].mean()),
+        "num_nan_sets": int(df["set_utility"].isna().sum()),
+        "scorer_failure_rate": scorer_failure_rate(df),
+        "tied_group_rate": tied_group_rate(df),
     }
-    with stage_run(mlflow, context, "utilities") as rid:
+    with stage_run(mlflow, context, "scores") as rid:
         log_metrics(mlflow, rid, stats)
-        log_table(mlflow, rid, df, "candidate_utilities", storage.run_dir(context, "candidate_utilities"))
+        log_table(mlflow, rid, df, "rollout_scores", storage.run_dir(context, "rollout_scores"))
+    preview = md_preview(df.drop(columns=["game", "spans"]))
     return dg.Output(
-        df, metadata={**stats, "dagster/row_count": len(df), "mlflow_run_id": rid, "preview": md_preview(df)}
+        df, metadata={**stats, "dagster/row_count": len(df), "mlflow_run_id": rid, "preview": preview}
     )
