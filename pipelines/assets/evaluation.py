@@ -344,7 +344,7 @@ def method_comparison(
     # The job's success hook prints this summary at the end of `dagster job execute`; the log keeps it too.
     context.log.info("\n" + comparison_summary(result))
     shown = table.drop(columns=["train_run_id", "eval_run_id"], errors="ignore")
-    ui = mlflow_ui_url(mlflow.resolved_tracking_uri())
+    ui = mlflow_ui_url(mlflow.resolved_tracking_uri)
     return dg.Output(
         result,
         metadata={
