@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trainer_fixtures import tiny_task, tiny_warm_start
 
+from shapegrpo_core.credit_table import credit_table
 from shapegrpo_core.evaluation import (
     METRICS,
     bootstrap_mean,
@@ -19,6 +20,8 @@ from shapegrpo_core.evaluation import (
     generate_completions,
     score_completions,
     score_response,
+    score_responses,
+    scores_from_table,
 )
 from shapegrpo_core.policy import load_policy
 
@@ -89,6 +92,31 @@ def test_failed_scorer_is_a_recorded_nan():
     assert table["format_valid_rate"][1] == 1.0
     with pytest.raises(ValueError, match="relevance"):
         score_completions(task, [broken], [[" i1"]], scorer_errors="raise")
+
+
+@pytest.mark.parametrize("game", ["best_of_set", "coverage", "soft_coverage"])
+def test_stored_scores_give_the_credit_of_a_fresh_scoring(tmp_path, game):
+    # score_completions(keep_games=True) -> parquet -> scores_from_table: the credit of the rebuilt scores is
+    # the credit of scoring again, to the bit (same games, same engines), a failed scorer included.
+    task = tiny_task(game)
+    rows = [dict(r) for r in task.build_dataset("train", 0).select(range(2))]
+    broken = {**rows[1], "relevance": [0.0, 1.0]}  # the scorer fails on this prompt's responses
+    examples = [rows[0], broken, rows[1]]
+    texts = [" i1, i2, i3, i4", " i1, i1, i5", "", " i7, i8, i9, i10, i11", " i12, i3"]
+    completions = [texts[:2], texts[2:4], [texts[4], texts[0]]]
+    path = tmp_path / "scores.parquet"
+    score_completions(task, examples, completions, keep_games=True).to_parquet(path)
+    stored = pd.read_parquet(path)
+    rebuilt = scores_from_table(stored)
+    assert [s is None for s in rebuilt] == [False, False, True, True, False, False]
+    flat = [(i, t) for i, group in enumerate(completions) for t in group]
+    fresh = score_responses(task, [t for _, t in flat], [examples[i] for i, _ in flat])
+    groups = stored["prompt_index"].to_numpy()
+    pd.testing.assert_frame_equal(
+        credit_table(rebuilt, groups, format_penalty=0.1), credit_table(fresh, groups, format_penalty=0.1)
+    )
+    with pytest.raises(ValueError, match="keep_games"):
+        scores_from_table(stored.drop(columns=["game"]))
 
 
 # ------------------------------------------------------------------------------------------------------------

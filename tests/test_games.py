@@ -12,13 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shapegrpo_core.games import (
+    MAX_STORED_CALLABLE_PLAYERS,
     CallableGame,
     ChoiceGame,
     SumOfMaxGame,
     best_of_set,
     coalition_matrix,
     coverage,
+    game_from_dict,
+    game_to_dict,
 )
+from shapegrpo_core.shapley import shapley_values
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -312,3 +316,43 @@ def test_default_and_explicit_floor_and_weights_give_the_same_game():
         assert getattr(implicit, field).shape == getattr(explicit, field).shape
     assert np.array_equal(implicit.all_values(), explicit.all_values())
     assert np.array_equal(best_of_set(u, floor=0.5).floors, np.full((2, 1), 0.5))
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "game",
+    [
+        SumOfMaxGame(
+            np.array([[0.1, 0.7, 0.3], [0.5, 0.0, 0.9]]), np.array([1.0, 2.5]), np.array([0.2, 0.0])
+        ),
+        best_of_set([0.9, 0.9, 0.3, 0.0]),
+        coverage(np.zeros((0, 3))),  # no target: an empty axis survives storage
+        best_of_set(np.zeros(0)),  # no candidate
+        ChoiceGame(np.array([1.0, 0.2, 0.5]), np.array([0.3, -1.0, 2.0]), 0.5, 0.1),
+        CallableGame(lambda s: float(len({i % 3 for i in s})) + 0.25, 5),
+    ],
+    ids=["sum_of_max", "best_of_set", "no_target", "no_candidate", "choice", "callable"],
+)
+def test_stored_game_has_the_same_values_and_shapley_values(game):
+    import json
+
+    back = game_from_dict(json.loads(json.dumps(game_to_dict(game))))
+    assert type(back) is type(game)
+    k = game.num_players
+    np.testing.assert_array_equal(back.value(coalition_matrix(k)), game.value(coalition_matrix(k)))
+    ours, theirs = shapley_values(back), shapley_values(game)
+    assert ours.engine == theirs.engine
+    np.testing.assert_array_equal(ours.values, theirs.values)
+
+
+def test_storing_a_game_refuses_what_it_cannot_rebuild():
+    with pytest.raises(ValueError, match="too large to store"):
+        game_to_dict(CallableGame(lambda s: 1.0, MAX_STORED_CALLABLE_PLAYERS + 1))
+    with pytest.raises(ValueError, match="unbatched"):
+        game_to_dict(best_of_set(np.ones((2, 3))))
+    with pytest.raises(ValueError, match="unknown stored game kind"):
+        game_from_dict({"kind": "pickle"})

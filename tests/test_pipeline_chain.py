@@ -19,9 +19,10 @@ from pipeline_fixtures import (
     warm_policy,
 )
 
-from pipelines.assets import all_assets, fine_tuned_policy
+from pipelines.assets import all_assets, fine_tuned_policy, method_comparison
 from pipelines.checks import MAX_SCORER_FAILURE_RATE, MIN_EVAL_PROMPTS, all_checks
 from pipelines.config import CreditConfig
+from pipelines.resources import MLflowResource
 from pipelines.tracking import TAG_ROOT_RUN, TAG_STAGE, find_runs
 from shapegrpo_core.credit import ALLOCATIONS
 from shapegrpo_core.credit_table import credit_table
@@ -265,3 +266,40 @@ def test_credit_invariant_checks_warn_without_blocking(tmp_path, corruption, fai
     assert result.success and _materialized(result) == {"shapley_credits", "fine_tuned_policy"}
     assert {name for name, c in checks.items() if not c.passed} == ({failing_check} - {None})
     assert all(c.severity == dg.AssetCheckSeverity.WARN for c in checks.values())
+
+
+def test_eval_sample_size_stops_the_comparison(tmp_path, policy_dir) -> None:
+    # The real evaluation of a real policy (the "grpo" partition is the warm-started policy: no training
+    # here) on 3 eval prompts stops the comparison, so no champion is chosen on them. The check passing on
+    # enough prompts: test_pipeline_full.
+    from pipelines.tracking import stage_run
+
+    @dg.asset(name="fine_tuned_policy", partitions_def=fine_tuned_policy.partitions_def)
+    def untrained(context: dg.AssetExecutionContext, mlflow: MLflowResource) -> dict:
+        out = {}
+        for m in context.partition_keys:
+            with stage_run(mlflow, context, "train", method=m) as rid:
+                out[m] = {"path": str(policy_dir), "mlflow_run_id": rid}
+        return out
+
+    real = [a for a in all_assets if a.key.path[-1] in {"task_dataset", "base_policy", "policy_evaluation"}]
+    run_config = {
+        "ops": {
+            "task_dataset": {"config": TINY_TASK},
+            "base_policy": {"config": {"model_path": str(policy_dir)}},
+            "policy_evaluation": {"config": {"num_prompts": 3, "num_samples": 2, "num_bootstrap": 100}},
+        }
+    }
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [*real, untrained, method_comparison],
+            resources=resources(tmp_path),
+            run_config=run_config,
+            partition_key="grpo",
+            instance=instance,
+            raise_on_error=False,
+        )
+    check = _checks(result)["check_eval_sample_size"]
+    assert check.passed is False and check.metadata["num_scored_prompts"].value == 3 < MIN_EVAL_PROMPTS
+    assert not result.success
+    assert "policy_evaluation" in _materialized(result) and "method_comparison" not in _materialized(result)

@@ -12,9 +12,11 @@ import pytest
 from pipeline_fixtures import mlflow_resource, resources
 
 from pipelines.assets import method_comparison
-from pipelines.assets.evaluation import NO_WINNER, _curve, paired_units
+from pipelines.assets.evaluation import FINAL_EVAL, NO_WINNER, _curve, paired_units
 from pipelines.config import METHODS
-from pipelines.partitions import ALL_METHODS_TAGS, method_partitions
+from pipelines.jobs import compare_methods
+from pipelines.partitions import method_partitions
+from pipelines.reporting import COMPARISON_MARKER
 from pipelines.resources import MLflowResource
 from pipelines.tracking import TAG_STAGE, find_runs, log_metrics, register_model, stage_run
 
@@ -86,7 +88,7 @@ def _stand_ins(utilities: dict[str, float], noise: float) -> list[dg.AssetsDefin
     ids=["winner", "overlapping", "all_nan"],
 )
 def test_champion_moves_only_on_a_winner(
-    tmp_path, utilities: dict[str, float], noise: float, winner: str | None
+    tmp_path, capsys, utilities: dict[str, float], noise: float, winner: str | None
 ) -> None:
     tied = [] if winner is not None else list(METHODS)
     mlflow = mlflow_resource(tmp_path)
@@ -97,13 +99,16 @@ def test_champion_moves_only_on_a_winner(
     previous = register_model(mlflow, f"runs:/{earlier}/policy", earlier, method="earlier")
     client.set_registered_model_alias(name, "champion", previous)
 
+    # The real compare_methods job (its tags cover every method partition; its hook prints the result) over
+    # the real comparison asset and the stand-ins.
+    defs = dg.Definitions(
+        assets=[*_stand_ins(utilities, noise), method_comparison],
+        jobs=[compare_methods],
+        resources=resources(tmp_path),
+        executor=dg.in_process_executor,
+    )
     with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            [*_stand_ins(utilities, noise), method_comparison],
-            resources=resources(tmp_path),
-            tags=ALL_METHODS_TAGS,  # one run covers every method partition, as the jobs do
-            instance=instance,
-        )
+        result = defs.resolve_job_def("compare_methods").execute_in_process(instance=instance)
         assert result.success
         out = result.output_for_node("method_comparison")
         mat = instance.get_latest_materialization_event(
@@ -118,6 +123,32 @@ def test_champion_moves_only_on_a_winner(
     report_path = client.download_artifacts(compare_run.info.run_id, "comparison.md", str(tmp_path))
     report = Path(report_path).read_text()
     assert out["winner"] == winner and out["tied"] == tied
+    # The end of the run prints the table and where the report is; that file is the logged report.
+    printed = capsys.readouterr().out
+    assert COMPARISON_MARKER in printed and f"Report: {out['report_path']}" in printed
+    assert all(f"| {m} " in printed for m in ["base", *METHODS])
+    assert Path(out["report_path"]).read_text() == report
+    # The asset page shows the table inline (table metadata, one record per policy) and the plot as a short
+    # markdown image served by the MLflow UI (inline in Dagster's UI; the embedded PNG is kept too).
+    shown = mat.metadata["comparison"]
+    assert isinstance(shown, dg.TableMetadataValue)
+    assert [r.data["method"] for r in shown.records] == ["base", *METHODS]
+    assert [r.data["set_utility"] for r in shown.records[1:]] == [
+        None if np.isnan(utilities[m]) else float(f"{utilities[m]:.4g}") for m in METHODS
+    ]
+    curves = mat.metadata["learning_curves"].value
+    assert len(curves) < 1000 and f"run_uuid={compare_run.info.run_id}" in curves
+    assert "plots%2Flearning_curves.png" in curves
+    assert mat.metadata["learning_curves_embedded"].value.startswith("![learning curves](data:image/png")
+    # MLflow: each method's training run carries the comparison's final eval under the same names, and the
+    # compare run every method's headline numbers.
+    for row in out["table"][1:]:
+        train = client.get_run(row["train_run_id"]).data.metrics
+        assert train[f"{FINAL_EVAL}/set_utility"] == pytest.approx(utilities[row["method"]], nan_ok=True)
+        assert train[f"{FINAL_EVAL}/delta_vs_base"] == pytest.approx(row["delta_vs_base"], nan_ok=True)
+        assert compare_run.data.metrics[f"{row['method']}/set_utility"] == pytest.approx(
+            utilities[row["method"]], nan_ok=True
+        )
     if winner is None:
         assert str(champion.version) == previous  # the alias stays
         assert out["champion_version"] is None

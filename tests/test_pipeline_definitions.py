@@ -7,11 +7,18 @@ import pipelines
 from pipelines.config import METHODS
 from pipelines.partitions import ALL_METHODS_TAGS
 
-CHECKS = {
-    ("shapley_credits", "check_efficiency"),
-    ("shapley_credits", "check_advantages_finite"),
-    ("candidate_sets", "check_candidates_parsed"),
+# Blocking: each stops everything downstream of bad data.
+BLOCKING = {
+    ("task_dataset", "check_eval_split_size"),
+    ("candidate_sets", "check_format_valid_rate"),
+    ("rollout_scores", "check_scorer_failure_rate"),
+    ("rollout_scores", "check_tied_group_rate"),
+    ("policy_evaluation", "check_eval_sample_size"),
     ("policy_evaluation", "check_eval_utility_finite"),
+}
+CHECKS = BLOCKING | {
+    ("shapley_credits", "check_efficiency"),  # invariants of the credit code: warnings
+    ("shapley_credits", "check_advantages_finite"),
     ("policy_evaluation", "check_not_worse_than_base"),
 }
 
@@ -35,8 +42,9 @@ def test_assets_checks_jobs_schedule_sensor_present(tmp_path) -> None:
         "policy_evaluation",
         "method_comparison",
     }
-    for job in (compare, retrain):  # one run covers every method partition
+    for job in (compare, retrain):  # one run covers every method partition; the end prints the comparison
         assert ALL_METHODS_TAGS.items() <= job.tags.items()
+        assert "print_comparison" in {h.name for h in job.hook_defs}
 
     schedule = defs.resolve_schedule_def("weekly_retrain")
     assert schedule.job_name == "retrain"
@@ -53,7 +61,7 @@ def test_assets_are_grouped_with_kinds_and_partitions(tmp_path) -> None:
         "base_policy": "training",
         "fine_tuned_policy": "training",
         "candidate_sets": "rollouts",
-        "candidate_utilities": "rollouts",
+        "rollout_scores": "rollouts",
         "shapley_credits": "credit",
         "policy_evaluation": "evaluation",
         "method_comparison": "evaluation",
@@ -68,11 +76,7 @@ def test_assets_are_grouped_with_kinds_and_partitions(tmp_path) -> None:
         for k in graph.asset_check_keys
         if graph.get_check_spec(k).blocking
     }
-    assert blocking == {
-        ("shapley_credits", "check_efficiency"),
-        ("shapley_credits", "check_advantages_finite"),
-        ("policy_evaluation", "check_eval_utility_finite"),
-    }
+    assert blocking == BLOCKING
 
 
 def test_method_partitions_match_the_trainers_methods() -> None:

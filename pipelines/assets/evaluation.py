@@ -319,6 +319,11 @@ def method_comparison(
         log_file(mlflow, rid, report_path)
         mlflow.call(client.set_tag, rid, "winner", verdict)
         _log_final_eval(mlflow, table)
+        # The compare run's own row in MLflow shows every method's headline numbers.
+        headline = [config.metric, f"{config.metric}_low", f"{config.metric}_high", "delta_vs_base"]
+        log_metrics(
+            mlflow, rid, {f"{r['method']}/{c}": r[c] for r in table.to_dict("records") for c in headline}
+        )
         # Aliases move last, and only here: a run that failed earlier, or a smoke profile, moves none.
         versions = {m: fine_tuned_policy[m].get("model_version") for m in methods}
         versions["base"] = fine_tuned_policy[methods[0]].get("base_model_version")
