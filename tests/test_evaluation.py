@@ -113,7 +113,9 @@ def test_stored_scores_give_the_credit_of_a_fresh_scoring(tmp_path, game):
     fresh = score_responses(task, [t for _, t in flat], [examples[i] for i, _ in flat])
     groups = stored["prompt_index"].to_numpy()
     pd.testing.assert_frame_equal(
-        credit_table(rebuilt, groups, format_penalty=0.1), credit_table(fresh, groups, format_penalty=0.1)
+        credit_table(rebuilt, groups, format_penalty=0.1),
+        credit_table(fresh, groups, format_penalty=0.1),
+        check_exact=True,
     )
     with pytest.raises(ValueError, match="keep_games"):
         scores_from_table(stored.drop(columns=["game"]))

@@ -104,7 +104,7 @@ def test_chain_scores_each_rollout_once(tmp_path, policy_dir, monkeypatch) -> No
         sets["generation"].to_numpy(),
         format_penalty=CreditConfig().format_penalty,
     )
-    pd.testing.assert_frame_equal(credits, fresh)
+    pd.testing.assert_frame_equal(credits, fresh, check_exact=True)
     per_set = credits.groupby(["prompt_index", "generation"]).agg(
         phi=("phi", "sum"), r=("set_reward", "first"), u0=("u0", "first")
     )
