@@ -8,10 +8,13 @@ import dagster as dg
 
 from pipelines.partitions import ALL_METHODS_TAGS
 
+# Runs that train: a queued run coordinator can limit how many of them run at once (deploy/dagster.yaml).
+TRAINING_TAGS = {**ALL_METHODS_TAGS, "shapegrpo/trains": "true"}
+
 compare_methods = dg.define_asset_job(
     name="compare_methods",
     selection=dg.AssetSelection.all(),
-    tags=ALL_METHODS_TAGS,
+    tags=TRAINING_TAGS,
     description="The full chain: dataset, base policy, rollouts, utilities, credits, fine-tuning per method, "
     "evaluation and the comparison (champion alias).",
 )
@@ -19,7 +22,7 @@ compare_methods = dg.define_asset_job(
 retrain = dg.define_asset_job(
     name="retrain",
     selection=dg.AssetSelection.assets("fine_tuned_policy", "policy_evaluation", "method_comparison"),
-    tags=ALL_METHODS_TAGS,
+    tags=TRAINING_TAGS,
     description="Fine-tune every method from the current base policy, evaluate and compare.",
 )
 
