@@ -24,17 +24,22 @@ Isolation (details, tests and what is *not* covered: docs/sandbox.md):
 
 1. bubblewrap: user, PID, IPC, network, UTS, mount and cgroup namespaces; a read-only root of /usr only, a
    private /proc, a minimal /dev, a private size-capped /tmp; ``--die-with-parent``, ``--new-session``.
-2. A cgroup per candidate (v1 memory + pids + freezer, or v2) capping total memory and tasks; teardown by
-   root: freeze, SIGKILL every member, thaw, wait until empty, remove. No process of the candidate's
-   identity is ever started outside the sandbox.
-3. An unprivileged uid leased per running sandbox, rlimits, per-call / per-candidate / hard deadlines.
-4. A Python audit hook (defence in depth only; the tests pass without it).
+2. A seccomp filter (:mod:`shapegrpo_core.tasks._sandbox_seccomp`, loaded by bwrap): EPERM for ptrace,
+   process_vm_*, unshare/setns/clone with namespace flags, mounts, chroot, keyctl, bpf, perf_event_open,
+   personality changes, userfaultfd, io_uring, module/kexec/reboot/swap calls, iopl/ioperm and a few more;
+   ENOSYS for clone3 (glibc then uses clone, whose flags the filter sees).
+3. A cgroup per candidate (v1 memory + pids + freezer + cpu, or v2) capping total memory, tasks and CPU
+   bandwidth (``SandboxLimits.cpu_cores``; uncapped, and reported, where there is no cpu controller);
+   teardown by root: freeze, SIGKILL every member, thaw, wait until empty, remove. No process of the
+   candidate's identity is ever started outside the sandbox.
+4. An unprivileged uid leased per running sandbox, rlimits, per-call / per-candidate / hard deadlines.
+5. A Python audit hook (defence in depth only; the tests pass without it).
 
-Where root, bubblewrap or cgroups are missing, :func:`run_job` refuses (an "error" verdict saying why)
-unless ``SandboxLimits.unsafe_allow_unisolated`` is set. Nothing the sandbox raises escapes
-:func:`run_job`: an infrastructure failure is a recorded "error"/"timeout" verdict. Not covered: no seccomp
-filter yet (the kernel's syscall surface is reachable), CPU is not a cgroup share, everything under /usr is
-readable, and the trusted checker runs as root outside the namespaces (a malicious dataset is out of scope).
+Where root, bubblewrap, libseccomp or cgroups are missing, :func:`run_job` refuses (an "error" verdict saying
+why) unless ``SandboxLimits.unsafe_allow_unisolated`` is set. Nothing the sandbox raises escapes
+:func:`run_job`: an infrastructure failure is a recorded "error"/"timeout" verdict. Not covered: the filter
+is a deny list (a kernel bug in an allowed call is not stopped), everything under /usr is readable, and the
+trusted checker runs as root outside the namespaces (a malicious dataset is out of scope).
 """
 
 from __future__ import annotations
