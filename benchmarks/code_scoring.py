@@ -2,8 +2,8 @@
 
 Runs the HumanEval canonical solutions (every one passes all its assertion units) three ways, in one run:
 
-* sandboxed: ``sandbox.run_jobs`` (referee + candidate under bubblewrap in its own cgroup, rlimits, per-unit
-  verdicts), ``--workers`` threads;
+* sandboxed: ``sandbox.run_jobs`` (referee + candidate under bubblewrap and seccomp in its own cgroup,
+  rlimits, per-unit verdicts), ``--workers`` threads;
 * plain subprocess: ``python -c <prompt + solution + test + check(entry_point)>``, no isolation, same
   number of worker threads;
 * in-process: ``exec`` of the same program in this interpreter, one at a time (the GIL would serialise

@@ -21,10 +21,13 @@ def print_comparison(context: dg.HookContext) -> None:
         print(comparison_summary(result), flush=True)
 
 
+# Runs that train: a queued run coordinator can limit how many of them run at once (deploy/dagster.yaml).
+TRAINING_TAGS = {**ALL_METHODS_TAGS, "shapegrpo/trains": "true"}
+
 compare_methods = dg.define_asset_job(
     name="compare_methods",
     selection=dg.AssetSelection.all(),
-    tags=ALL_METHODS_TAGS,
+    tags=TRAINING_TAGS,
     hooks={print_comparison},
     description="The full chain: dataset, base policy, rollouts, their scores, credits, fine-tuning per "
     "method, evaluation and the comparison (champion alias).",
@@ -33,7 +36,7 @@ compare_methods = dg.define_asset_job(
 retrain = dg.define_asset_job(
     name="retrain",
     selection=dg.AssetSelection.assets("fine_tuned_policy", "policy_evaluation", "method_comparison"),
-    tags=ALL_METHODS_TAGS,
+    tags=TRAINING_TAGS,
     hooks={print_comparison},
     description="Fine-tune every method from the current base policy, evaluate and compare.",
 )

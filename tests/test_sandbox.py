@@ -449,7 +449,7 @@ def test_refuses_without_isolation_unless_unsafe_opt_in(monkeypatch, listener):
 def test_infrastructure_failure_is_a_recorded_verdict(monkeypatch):
     """A sandbox that cannot be set up (here: no cgroup can be created) is an error verdict, not a raise."""
 
-    def broken(limits, version):
+    def broken(limits, version, cpu=False):
         raise OSError(28, "No space left on device")
 
     if not capabilities().isolated:

@@ -148,30 +148,30 @@ def policy_evaluation(
     data_quality: DataQualityResource,
 ):
     device = compute.resolved_device()
-    # The base policy is evaluated once per run (and eval settings), whatever the number of method partitions.
-    key = hashlib.sha256(
-        json.dumps([base_policy["path"], config.model_dump()], sort_keys=True).encode()
-    ).hexdigest()
-    cache = storage.run_dir(context, "policy_evaluation", "base") / f"{key[:16]}.json"
-    if cache.is_file():
-        base = json.loads(cache.read_text())
-    else:
-        report = _evaluate(context, config, task_dataset, base_policy["path"], device)
-        base = {
+
+    def evaluated(name: str, path: str) -> dict[str, Any]:
+        # Once per root run, policy and eval settings: the base policy whatever the number of method
+        # partitions, and a method already evaluated when a re-execution runs this step again (no second
+        # MLflow eval run).
+        key = hashlib.sha256(json.dumps([path, config.model_dump()], sort_keys=True).encode()).hexdigest()
+        cache = storage.run_dir(context, "policy_evaluation", name) / f"{key[:16]}.json"
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        report = _evaluate(context, config, task_dataset, path, device)
+        done = {
             "metrics": report.to_dict(),
             "units": unit_scores(report),
-            "mlflow_run_id": _log_report(mlflow, context, storage, config, report, "base"),
+            "mlflow_run_id": _log_report(mlflow, context, storage, config, report, name),
         }
-        cache.write_text(json.dumps(base))
+        cache.write_text(json.dumps(done))
+        return done
 
+    base = evaluated("base", base_policy["path"])
     results: dict[str, dict[str, Any]] = {}
     for method in context.partition_keys:
-        report = _evaluate(context, config, task_dataset, fine_tuned_policy[method]["path"], device)
-        rid = _log_report(mlflow, context, storage, config, report, method)
+        done = evaluated(method, fine_tuned_policy[method]["path"])
         results[method] = {
-            "metrics": report.to_dict(),
-            "units": unit_scores(report),
-            "mlflow_run_id": rid,
+            **done,
             "base_metrics": base["metrics"],
             "base_mlflow_run_id": base["mlflow_run_id"],
             "model_version": fine_tuned_policy[method].get("model_version"),

@@ -381,7 +381,18 @@ def join_cgroup(dirs: list) -> None:
 # The minimal root of the candidate: /usr read-only (the interpreter and its libraries; on merged-/usr
 # systems /bin, /lib, /lib64 are links into it), /proc of its own PID namespace, a minimal /dev, a private
 # /tmp. No checkout, no /root, no /home, no /etc, no /var.
-def bwrap_command(spec: dict, argv: list) -> list:
+def seccomp_memfd(program: bytes) -> int:
+    """A memfd holding the compiled seccomp program, at offset 0, for bwrap's ``--seccomp FD`` (bwrap reads
+    it to the end and closes it before it starts the candidate). Close-on-exec: pass it with ``pass_fds``."""
+    fd = os.memfd_create("shapegrpo-seccomp", os.MFD_CLOEXEC)
+    view = memoryview(program)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def bwrap_command(spec: dict, argv: list, seccomp_fd=None) -> list:
     cmd = [
         spec["bwrap"],
         "--unshare-all",  # user, pid, ipc, net, uts, cgroup namespaces
@@ -408,8 +419,8 @@ def bwrap_command(spec: dict, argv: list) -> list:
             cmd += ["--tmpfs", p, "--remount-ro", p]
         elif p.startswith("/usr/") and os.path.exists(p):
             cmd += ["--ro-bind", "/dev/null", p]
-    if spec.get("seccomp_fd") is not None:
-        cmd += ["--seccomp", str(spec["seccomp_fd"])]
+    if seccomp_fd is not None:
+        cmd += ["--seccomp", str(seccomp_fd)]
     return [*cmd, "--", *argv]
 
 
@@ -524,6 +535,9 @@ class _CandidateProxy:
         argv = [self.spec["child_python"], "-s", "-S", "-B", "-c", CANDIDATE_STUB, str(c_r), str(c_w)]
         argv += [f"label={self.spec['label']}"] if self.spec["label"] else []
         unsafe = self.spec["bwrap"] is None
+        program = self.spec.get("seccomp_bpf")
+        filter_fd = seccomp_memfd(bytes.fromhex(program)) if program and not unsafe else None
+        passed = (c_r, c_w) if filter_fd is None else (c_r, c_w, filter_fd)
 
         def enter() -> None:  # in the child, still root: join the cgroup, then drop to the sandbox uid
             join_cgroup(cgroups)
@@ -532,20 +546,22 @@ class _CandidateProxy:
                 os.setgid(uid)
                 os.setuid(uid)
 
-        self.proc = subprocess.Popen(
-            argv if unsafe else bwrap_command(self.spec, argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            pass_fds=(c_r, c_w),
-            close_fds=True,
-            cwd=self.spec["workdir"] if unsafe else "/",
-            env=candidate_env(self.spec["workdir"] if unsafe else SANDBOX_WORKDIR, self.spec["seed"]),
-            preexec_fn=enter,
-            start_new_session=True,
-        )
-        os.close(c_r)
-        os.close(c_w)
+        try:
+            self.proc = subprocess.Popen(
+                argv if unsafe else bwrap_command(self.spec, argv, seccomp_fd=filter_fd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=passed,
+                close_fds=True,
+                cwd=self.spec["workdir"] if unsafe else "/",
+                env=candidate_env(self.spec["workdir"] if unsafe else SANDBOX_WORKDIR, self.spec["seed"]),
+                preexec_fn=enter,
+                start_new_session=True,
+            )
+        finally:
+            for fd in passed:
+                os.close(fd)
         job = {
             "program": self.spec["program"],
             "entry_point": self.spec["entry_point"],
@@ -675,7 +691,12 @@ def _referee(spec: dict) -> dict:
         "load_error": load_error,
         "calls": proxy.calls,
         "restarts": proxy.restarts,
-        "isolation": {"bwrap": spec["bwrap"] is not None, "cgroups": bool(spec["cgroups"]), "uid": uid},
+        "isolation": {
+            "bwrap": spec["bwrap"] is not None,
+            "seccomp": spec["bwrap"] is not None and bool(spec.get("seccomp_bpf")),
+            "cgroups": bool(spec["cgroups"]),
+            "uid": uid,
+        },
     }
 
 

@@ -24,17 +24,22 @@ Isolation (details, tests and what is *not* covered: docs/sandbox.md):
 
 1. bubblewrap: user, PID, IPC, network, UTS, mount and cgroup namespaces; a read-only root of /usr only, a
    private /proc, a minimal /dev, a private size-capped /tmp; ``--die-with-parent``, ``--new-session``.
-2. A cgroup per candidate (v1 memory + pids + freezer, or v2) capping total memory and tasks; teardown by
-   root: freeze, SIGKILL every member, thaw, wait until empty, remove. No process of the candidate's
-   identity is ever started outside the sandbox.
-3. An unprivileged uid leased per running sandbox, rlimits, per-call / per-candidate / hard deadlines.
-4. A Python audit hook (defence in depth only; the tests pass without it).
+2. A seccomp filter (:mod:`shapegrpo_core.tasks._sandbox_seccomp`, loaded by bwrap): EPERM for ptrace,
+   process_vm_*, unshare/setns/clone with namespace flags, mounts, chroot, keyctl, bpf, perf_event_open,
+   personality changes, userfaultfd, io_uring, module/kexec/reboot/swap calls, iopl/ioperm and a few more;
+   ENOSYS for clone3 (glibc then uses clone, whose flags the filter sees).
+3. A cgroup per candidate (v1 memory + pids + freezer + cpu, or v2) capping total memory, tasks and CPU
+   bandwidth (``SandboxLimits.cpu_cores``; uncapped, and reported, where there is no cpu controller);
+   teardown by root: freeze, SIGKILL every member, thaw, wait until empty, remove. No process of the
+   candidate's identity is ever started outside the sandbox.
+4. An unprivileged uid leased per running sandbox, rlimits, per-call / per-candidate / hard deadlines.
+5. A Python audit hook (defence in depth only; the tests pass without it).
 
-Where root, bubblewrap or cgroups are missing, :func:`run_job` refuses (an "error" verdict saying why)
-unless ``SandboxLimits.unsafe_allow_unisolated`` is set. Nothing the sandbox raises escapes
-:func:`run_job`: an infrastructure failure is a recorded "error"/"timeout" verdict. Not covered: no seccomp
-filter yet (the kernel's syscall surface is reachable), CPU is not a cgroup share, everything under /usr is
-readable, and the trusted checker runs as root outside the namespaces (a malicious dataset is out of scope).
+Where root, bubblewrap, libseccomp or cgroups are missing, :func:`run_job` refuses (an "error" verdict saying
+why) unless ``SandboxLimits.unsafe_allow_unisolated`` is set. Nothing the sandbox raises escapes
+:func:`run_job`: an infrastructure failure is a recorded "error"/"timeout" verdict. Not covered: the filter
+is a deny list (a kernel bug in an allowed call is not stopped), everything under /usr is readable, and the
+trusted checker runs as root outside the namespaces (a malicious dataset is out of scope).
 """
 
 from __future__ import annotations
@@ -64,8 +69,11 @@ from shapegrpo_core.tasks._sandbox_referee import (
     decode_value,
     encode_value,
 )
+from shapegrpo_core.tasks._sandbox_seccomp import SeccompUnavailable, seccomp_program
 
 STATUSES = ("ok", "timeout", "error")
+CPU_PERIOD_US = 100_000  # CFS period of the candidate's cgroup
+CPU_MIN_QUOTA_US = 1_000  # the kernel rejects smaller quotas
 # Sandbox uids are leased from [UID_BASE, UID_BASE + UID_COUNT); none of them is a real account. The count
 # bounds the lock files (empty, kept: unlinking a lock file races with a concurrent opener).
 UID_BASE = 1_700_000
@@ -84,6 +92,9 @@ class SandboxLimits:
     load_timeout_s: float = 5.0  # starting the candidate's interpreter and running its module-level code
     startup_grace_s: float = 5.0  # scorer's hard deadline = timeout_s + this (interpreter start-up, teardown)
     memory_bytes: int = 1 << 30  # RLIMIT_AS per process and the cgroup's total memory cap
+    # CPU bandwidth of the candidate's cgroup, in cores (CFS quota over a 100 ms period: v1 cpu.cfs_quota_us,
+    # v2 cpu.max); None: no cap. Applied where the cgroup cpu controller exists (capabilities().cpu_cap).
+    cpu_cores: float | None = 1.0
     cpu_s: int | None = None  # RLIMIT_CPU; default ceil(timeout_s) + 1
     max_processes: int = 16  # RLIMIT_NPROC of the sandbox uid (threads count too)
     max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE
@@ -112,6 +123,14 @@ class SandboxLimits:
             raise ValueError("SandboxLimits.max_open_files must be >= 16 (the interpreter needs a few)")
         if self.max_restarts < 0:
             raise ValueError("SandboxLimits.max_restarts must be >= 0")
+        c = self.cpu_cores
+        if c is not None and not (
+            isinstance(c, (int, float)) and math.isfinite(c) and c * CPU_PERIOD_US >= CPU_MIN_QUOTA_US
+        ):
+            raise ValueError(
+                "SandboxLimits.cpu_cores must be None or a finite number >= "
+                f"{CPU_MIN_QUOTA_US / CPU_PERIOD_US} (the kernel's smallest quota: 1 ms a period), got {c!r}"
+            )
         for p in self.hidden_paths:
             if not os.path.isabs(p):
                 raise ValueError(f"hidden path must be absolute, got {p!r}")
@@ -119,6 +138,11 @@ class SandboxLimits:
     @property
     def cpu_seconds(self) -> int:
         return self.cpu_s if self.cpu_s is not None else math.ceil(self.timeout_s) + 1
+
+    @property
+    def cpu_quota_us(self) -> int | None:
+        """CFS quota per ``CPU_PERIOD_US`` period for ``cpu_cores`` (None: no cap)."""
+        return None if self.cpu_cores is None else round(self.cpu_cores * CPU_PERIOD_US)
 
 
 @dataclass(frozen=True)
@@ -189,6 +213,9 @@ class SandboxCapabilities:
     cgroup_version: int | None  # 1 (memory + pids + freezer hierarchies) or 2 (unified), else None
     child_python: str  # interpreter the candidate runs (under /usr, so it exists in the minimal root)
     missing: tuple[str, ...] = ()  # why full isolation is unavailable (empty when it is)
+    seccomp: bool = False  # the seccomp filter was built and bwrap loaded it into a probe sandbox
+    cpu_cap: bool = False  # the cgroup cpu controller caps each candidate's CPU (SandboxLimits.cpu_cores)
+    notes: tuple[str, ...] = ()  # weaker-than-designed but still isolated (e.g. no cgroup cpu controller)
 
     @property
     def isolated(self) -> bool:
@@ -223,33 +250,69 @@ def _cgroup_version() -> int | None:
     return None
 
 
+def _cpu_controller(version: int) -> bool:
+    """Whether the cgroup cpu controller (CFS bandwidth) is there to cap a candidate's CPU."""
+    if version == 2:
+        with open(os.path.join(CGROUP_ROOT, "cgroup.controllers")) as f:
+            return "cpu" in f.read().split()
+    return os.path.exists(os.path.join(CGROUP_ROOT, "cpu", "cpu.cfs_quota_us"))
+
+
+# The probe sandbox exits 0 only when its own /proc says a seccomp filter is loaded (mode 2).
+_PROBE_PROGRAM = (
+    "import json, os, struct, sys\n"
+    "status = open('/proc/self/status').read()\n"
+    "sys.exit(0 if '\\nSeccomp:\\t2\\n' in status else 3)\n"
+)
+
+
 def _probe_capabilities() -> SandboxCapabilities:
     import shutil
 
     root = os.geteuid() == 0
     missing: list[str] = []
+    notes: list[str] = []
     if not root:
         missing.append("not root (no uid switch, no cgroups)")
     version = _cgroup_version() if root else None
     if root and version is None:
         missing.append("no usable cgroup v1 (memory, pids, freezer) or v2 (memory, pids) hierarchy")
+    cpu_cap = False
     if root and version is not None:
         try:
             _remove_cgroup(_make_cgroup(SandboxLimits(), version))
         except OSError as e:
             missing.append(f"cannot create a cgroup: {e}")
             version = None
+    if root and version is not None:
+        try:
+            cpu_cap = _cpu_controller(version)
+            if cpu_cap:
+                _remove_cgroup(_make_cgroup(SandboxLimits(), version, cpu=True))
+        except OSError as e:
+            notes.append(f"cgroup cpu controller unusable ({e}): candidates' CPU is not capped by a cgroup")
+            cpu_cap = False
+        else:
+            if not cpu_cap:
+                notes.append("no cgroup cpu controller: candidates' CPU is not capped by a cgroup")
+    try:
+        program: bytes | None = seccomp_program()
+    except SeccompUnavailable as e:
+        program = None
+        missing.append(f"no seccomp filter: {e} (apt-get install libseccomp2; pip install pyseccomp)")
     bwrap = shutil.which("bwrap")
     child = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else os.path.realpath(sys.executable)
+    seccomp = False
     if bwrap is None:
         missing.append("bubblewrap (bwrap) not installed: apt-get install bubblewrap")
     elif root:
         with _UidLease() as uid:
             spec = {"bwrap": bwrap, "limits": {"tmpfs_bytes": 1 << 20, "hidden_paths": ()}}
+            fd = referee.seccomp_memfd(program) if program is not None else None
             try:
-                probe = [child, "-s", "-S", "-B", "-c", "import json, os, struct, sys"]
+                probe = [child, "-s", "-S", "-B", "-c", _PROBE_PROGRAM]
                 r = subprocess.run(
-                    referee.bwrap_command(spec, probe),
+                    referee.bwrap_command(spec, probe, seccomp_fd=fd),
                     user=uid,
                     group=uid,
                     extra_groups=[],
@@ -257,30 +320,40 @@ def _probe_capabilities() -> SandboxCapabilities:
                     timeout=60,
                     env=candidate_env("/", 0),
                     cwd="/",
+                    pass_fds=() if fd is None else (fd,),
                     check=False,
                 )
-                if r.returncode != 0:
+                if r.returncode == 3 and program is not None:
+                    missing.append("bwrap started the probe, but no seccomp filter was in force in it")
+                elif r.returncode not in (0, 3):
                     missing.append(f"bwrap cannot start {child} as a sandbox uid: {r.stderr[-300:]!r}")
                     bwrap = None
+                seccomp = r.returncode == 0 and program is not None
             except (OSError, subprocess.SubprocessError) as e:
                 missing.append(f"bwrap failed: {e}")
                 bwrap = None
-    return SandboxCapabilities(root, bwrap, version, child, tuple(missing))
+            finally:
+                if fd is not None:
+                    os.close(fd)
+    return SandboxCapabilities(root, bwrap, version, child, tuple(missing), seccomp, cpu_cap, tuple(notes))
 
 
 # ------------------------------------------------------------------------------------------ cgroup per run
 
 
-def _make_cgroup(limits: SandboxLimits, version: int) -> list[str]:
-    """Create the candidate's cgroup(s) with the memory and process caps; their directories."""
+def _make_cgroup(limits: SandboxLimits, version: int, cpu: bool = False) -> list[str]:
+    """Create the candidate's cgroup(s) with the memory and process caps, and the CPU cap when ``cpu`` (the
+    cpu controller is there) and ``limits.cpu_cores`` is set; their directories."""
     name = f"c{os.getpid()}-{threading.get_ident()}-{random.SystemRandom().getrandbits(48):012x}"
+    quota = limits.cpu_quota_us if cpu else None
     dirs: list[str] = []
     try:
         if version == 2:
             parent = os.path.join(CGROUP_ROOT, _CGROUP_PARENT)
             os.makedirs(parent, exist_ok=True)
-            _write_file(os.path.join(CGROUP_ROOT, "cgroup.subtree_control"), "+memory +pids")
-            _write_file(os.path.join(parent, "cgroup.subtree_control"), "+memory +pids")
+            controllers = "+memory +pids" + (" +cpu" if cpu else "")
+            _write_file(os.path.join(CGROUP_ROOT, "cgroup.subtree_control"), controllers)
+            _write_file(os.path.join(parent, "cgroup.subtree_control"), controllers)
             d = os.path.join(parent, name)
             os.mkdir(d)
             dirs.append(d)
@@ -288,8 +361,10 @@ def _make_cgroup(limits: SandboxLimits, version: int) -> list[str]:
             if os.path.exists(os.path.join(d, "memory.swap.max")):
                 _write_file(os.path.join(d, "memory.swap.max"), "0")
             _write_file(os.path.join(d, "pids.max"), str(limits.max_processes))
+            if quota is not None:
+                _write_file(os.path.join(d, "cpu.max"), f"{quota} {CPU_PERIOD_US}")
             return dirs
-        for ctrl in CGROUP_V1_CONTROLLERS:
+        for ctrl in CGROUP_V1_CONTROLLERS + (("cpu",) if quota is not None else ()):
             d = os.path.join(CGROUP_ROOT, ctrl, _CGROUP_PARENT, name)
             os.makedirs(d)
             dirs.append(d)
@@ -299,6 +374,9 @@ def _make_cgroup(limits: SandboxLimits, version: int) -> list[str]:
         if os.path.exists(os.path.join(mem, "memory.memsw.limit_in_bytes")):
             _write_file(os.path.join(mem, "memory.memsw.limit_in_bytes"), str(limits.memory_bytes))
         _write_file(os.path.join(pids, "pids.max"), str(limits.max_processes))
+        if quota is not None:
+            _write_file(os.path.join(dirs[3], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+            _write_file(os.path.join(dirs[3], "cpu.cfs_quota_us"), str(quota))
         return dirs
     except OSError:
         _remove_cgroup(dirs)
@@ -319,6 +397,32 @@ def _memory_peak(dirs: list[str]) -> int | None:
             except (OSError, ValueError, IndexError):
                 continue
     return None
+
+
+def _cpu_accounting(dirs: list[str]) -> dict[str, Any]:
+    """The CPU cap the cgroup holds, read back from it, and its throttling counters (empty without a cap)."""
+    out: dict[str, Any] = {}
+    for d in dirs:
+        try:
+            if os.path.exists(os.path.join(d, "cpu.max")):  # v2: "quota period" or "max period"
+                with open(os.path.join(d, "cpu.max")) as f:
+                    quota, period = f.read().split()
+                if quota == "max":
+                    continue
+                out["cpu_quota_us"], out["cpu_period_us"] = int(quota), int(period)
+            elif os.path.exists(os.path.join(d, "cpu.cfs_quota_us")):
+                with open(os.path.join(d, "cpu.cfs_quota_us")) as f:
+                    out["cpu_quota_us"] = int(f.read())
+                with open(os.path.join(d, "cpu.cfs_period_us")) as f:
+                    out["cpu_period_us"] = int(f.read())
+            else:
+                continue
+            with open(os.path.join(d, "cpu.stat")) as f:
+                stat = dict(line.split() for line in f if len(line.split()) == 2)
+            out["cpu_throttled_periods"] = int(stat.get("nr_throttled", 0))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def _remove_cgroup(dirs: list[str]) -> bool:
@@ -429,7 +533,7 @@ def _run_job(job: SandboxJob, limits: SandboxLimits, start: float) -> SandboxRes
             os.chown(wd, uid, uid)
             os.chmod(wd, 0o700)
         if caps.cgroup_version is not None:
-            cgroups = _make_cgroup(limits, caps.cgroup_version)
+            cgroups = _make_cgroup(limits, caps.cgroup_version, cpu=caps.cpu_cap)
         blocked = GUARDED_EVENTS if limits.audit_hook else (() if isolated else SOCKET_EVENTS)
         spec = {
             "nonce": nonce,
@@ -444,6 +548,7 @@ def _run_job(job: SandboxJob, limits: SandboxLimits, start: float) -> SandboxRes
             "child_python": caps.child_python,
             "limits": asdict(limits) | {"cpu_s": limits.cpu_seconds},
             "bwrap": caps.bwrap if isolated else None,
+            "seccomp_bpf": seccomp_program().hex() if isolated else None,
             "cgroups": cgroups,
             "blocked_events": list(blocked),
         }
@@ -451,6 +556,7 @@ def _run_job(job: SandboxJob, limits: SandboxLimits, start: float) -> SandboxRes
             status, detail, record = _run_referee(spec, limits, start)
         finally:
             peak = _memory_peak(cgroups)
+            cpu = _cpu_accounting(cgroups)
             clean = _remove_cgroup(cgroups)
         if not clean:
             status, detail, record = "error", f"candidate cgroup not empty after kill: {cgroups}", None
@@ -458,7 +564,7 @@ def _run_job(job: SandboxJob, limits: SandboxLimits, start: float) -> SandboxRes
     if status != "ok" or record is None:
         return SandboxResult(status, (False,) * n, (status,) * n, None, detail, wall, uid)
     units = record["units"]
-    isolation = dict(record.get("isolation", {})) | {"memory_peak_bytes": peak}
+    isolation = dict(record.get("isolation", {})) | {"memory_peak_bytes": peak} | cpu
     return SandboxResult(
         "ok",
         tuple(bool(u[0]) for u in units),
@@ -591,4 +697,5 @@ __all__ = [
     "encode_value",
     "run_job",
     "run_jobs",
+    "seccomp_program",
 ]
