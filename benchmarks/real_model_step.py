@@ -135,8 +135,8 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['task']:10} {r['mode']:5} {r['step_s']:7.2f} {r['generation_s']:11.2f} "
-            f"{r['scoring_credit_s']:15.3f} {r['backward_s']:9.2f} {r['run_wall_s']:9.1f} {r['run_cpu_s']:8.1f} "
-            f"{r['reward_std']:10.3f} {r['completion_len']:9.1f}"
+            f"{r['scoring_credit_s']:15.3f} {r['backward_s']:9.2f} {r['run_wall_s']:9.1f} "
+            f"{r['run_cpu_s']:8.1f} {r['reward_std']:10.3f} {r['completion_len']:9.1f}"
         )
 
 
