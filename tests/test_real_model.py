@@ -119,7 +119,7 @@ def _assert_lora_step(result: Any, out: Path) -> dict[str, Any]:
 
 
 def test_lora_shapegrpo_step_on_aclsum(smollm2: Path, tmp_path: Path) -> None:
-    task = ACLSumTask(num_candidates=3, max_source_words=30)
+    task = ACLSumTask(num_candidates=3, max_source_words=12)
     out = tmp_path / "aclsum"
     result = train_policy(task, smollm2, out, seed=0, **STEP)
     step = _assert_lora_step(result, out)
@@ -229,3 +229,50 @@ def test_unequal_candidate_lengths_get_length_aware_credit(smollm2: Path, tmp_pa
     )
     broadcast = credit.token_advantages(owners, mask, weighting="broadcast")
     assert np.abs((broadcast * mask).sum(1) - set_adv * mask.sum(1)).max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Longer runs (-m slow): full fine-tuning, and the code task through the chat template
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_step_changes_the_weights(smollm2: Path, tmp_path: Path) -> None:
+    task = NLRecsysTask(
+        num_items=24, num_genres=4, num_train_users=16, num_eval_users=4, history_len=3, pool_size=8,
+        background_affinity=0.3, seed=0,
+    )  # fmt: skip
+    result = train_policy(
+        task, smollm2, tmp_path / "full", seed=1, **(STEP | {"lora": None, "learning_rate": 1e-5})
+    )
+    [step] = [h for h in result.history if "loss" in h]
+    assert step["reward_std"] > 0 and np.isfinite(step["shapegrpo/mean_abs_phi"])
+    before = load_file(str(smollm2 / "model.safetensors"))
+    after = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
+
+
+@pytest.mark.slow
+def test_code_task_runs_through_the_chat_template(smollm2: Path, tmp_path: Path) -> None:
+    from shapegrpo_core.tasks.code import CodeTask, load_problems
+
+    by_id = {p["task_id"]: p for p in load_problems()}
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(
+        "".join(
+            json.dumps(by_id[i]) + "\n"
+            for i in ("HumanEval/23", "HumanEval/27", "HumanEval/53", "HumanEval/28")
+        )
+    )
+    limits = {"timeout_s": 5, "call_timeout_s": 2, "load_timeout_s": 5, "startup_grace_s": 5}
+    task = CodeTask(num_candidates=2, problems_path=str(problems), eval_every=2, limits=limits, max_workers=2)
+    model, tokenizer = load_policy(smollm2)
+    row = task.build_dataset("train", seed=0)[0]
+    text = chat_generate(model, tokenizer, row["prompt"], max_new_tokens=96)
+    assert "```" in text  # the chat model answers with fenced code
+    [score] = score_responses(task, [text], [row], 2, scorer_errors="raise")
+    assert score is not None and np.isfinite(score.set_utility)
+    result = train_policy(task, smollm2, tmp_path / "code", seed=0, **(STEP | {"max_completion_length": 96}))
+    [step] = [h for h in result.history if "loss" in h]
+    assert step["shapegrpo/nan_sets"] == 0 and task.stats["status_ok"] + task.stats["cache_hit"] > 0
