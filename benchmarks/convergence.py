@@ -338,7 +338,12 @@ def main() -> None:
 
 
 def plot(
-    rows: list[dict[str, Any]], games: list[str], methods: tuple[str, ...], path: Path, lr: float
+    rows: list[dict[str, Any]],
+    games: list[str],
+    methods: tuple[str, ...],
+    path: Path,
+    lr: float,
+    title: str = "recsys",
 ) -> None:
     import matplotlib
 
@@ -360,7 +365,7 @@ def plot(
                 steps, [s[1] for s in stats], [s[2] for s in stats], color=colors[method], alpha=0.2
             )
         n = len({r["seed"] for r in rows})
-        ax.set_title(f"recsys / {g} ({n} seeds, lr={lr:g})")
+        ax.set_title(f"{title} / {g} ({n} seeds, lr={lr:g})")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("held-out eval set utility")
         ax.grid(alpha=0.3)

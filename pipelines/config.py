@@ -41,7 +41,9 @@ class BasePolicyConfig(dg.Config):
     """The starting policy: a local Hugging Face checkpoint, or the offline tiny model + SFT warm start."""
 
     model_path: str | None = Field(
-        default=None, description="A local HF checkpoint dir (e.g. Qwen2.5-0.5B-Instruct); None = warm start."
+        default=None,
+        description="A local HF checkpoint dir, the alias 'smollm2-135m-instruct' (prepared offline on first "
+        "use) or a Hub id (only if the hub is reachable); None = warm start.",
     )
     num_demos: int = Field(default=3000, ge=1, description="Warm-start demonstrations.")
     epochs: float = Field(

@@ -254,17 +254,26 @@ class LoraSettings:
 
 
 def load_policy(
-    path: str | Path, *, lora: LoraSettings | None = None, dtype: torch.dtype = torch.float32
+    path: str | Path,
+    *,
+    lora: LoraSettings | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a local Hugging Face causal-LM checkpoint (the warm start, or e.g. a downloaded
-    Qwen2.5-0.5B-Instruct) and its tokenizer; never touches the network. With ``lora``, wrap the model in a
-    fresh trainable peft LoRA adapter (base weights frozen).
+    """Load a Hugging Face causal-LM checkpoint (the warm start, a prepared SmolLM2, e.g. a downloaded
+    Qwen2.5-0.5B-Instruct) and its tokenizer. ``path`` is anything :func:`shapegrpo_core.models.resolve_model`
+    accepts: a local directory, the alias ``smollm2-135m-instruct`` (prepared offline on first use) or a Hub
+    id (only when the hub is reachable or the snapshot cached). A directory holding a peft LoRA adapter (what
+    ``train_policy(..., lora=...)`` saves) loads its base model with the adapter merged in. With ``lora``,
+    wrap the model in a fresh trainable peft LoRA adapter (base weights frozen).
     """
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{str(path)!r} is not a local Hugging Face checkpoint (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    from shapegrpo_core.models import resolve_model
+
+    path = resolve_model(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        model, tokenizer = _load_adapter(path, dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     if tokenizer.pad_token is None:  # e.g. Llama-style checkpoints; batching needs a pad token
         tokenizer.pad_token = tokenizer.eos_token
     if lora is not None:
@@ -281,6 +290,20 @@ def load_policy(
         )
         model = get_peft_model(model, config)
     return model, tokenizer
+
+
+def _load_adapter(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A LoRA adapter directory: its base (``base_model_name_or_path``) with the adapter merged, so the result
+    is a plain model like any other checkpoint's; the tokenizer saved with the adapter."""
+    from peft import PeftModel
+
+    base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise ValueError(f"adapter at {str(path)!r} does not name its base model (base_model_name_or_path)")
+    base, _ = load_policy(base_name, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    merged.generation_config = base.generation_config
+    return merged, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str | list[dict[str, str]]:

@@ -15,6 +15,7 @@ through the trainer, so it lands in ``trainer_state.json`` (and survives a resum
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -193,6 +194,27 @@ def method_settings(method: str) -> tuple[str, float]:
     return METHODS[method]
 
 
+def lora_settings(lora: LoraSettings | Mapping[str, Any] | bool | None) -> LoraSettings | None:
+    """``lora`` as :class:`LoraSettings`: True = the defaults, a mapping of its fields (a run config's
+    ``training_options: {lora: {r: 8}}``), None/False = full fine-tuning."""
+    if lora is None or lora is False:
+        return None
+    if lora is True:
+        return LoraSettings()
+    if isinstance(lora, LoraSettings):
+        return lora
+    if not isinstance(lora, Mapping):
+        raise ValueError(f"lora must be LoraSettings, a mapping of its fields or a bool, got {lora!r}")
+    fields = {f.name for f in dataclasses.fields(LoraSettings)}
+    unknown = set(lora) - fields
+    if unknown:
+        raise ValueError(f"unknown lora settings {sorted(unknown)}; known: {sorted(fields)}")
+    values = dict(lora)
+    if isinstance(values.get("target_modules"), list):
+        values["target_modules"] = tuple(values["target_modules"])
+    return LoraSettings(**values)
+
+
 def train_policy(
     task: Task,
     base_policy_path: str | Path,
@@ -219,7 +241,7 @@ def train_policy(
     resume: bool = True,
     logging_steps: int = 1,
     verbose: bool = False,
-    lora: LoraSettings | None = None,
+    lora: LoraSettings | Mapping[str, Any] | bool | None = None,
     train_dataset: datasets.Dataset | None = None,
     eval_dataset: datasets.Dataset | None = None,
     **config: Any,
@@ -246,6 +268,9 @@ def train_policy(
             would be mixed with the new run's).
         verbose: print each log entry to stdout (HF's PrinterCallback); off by default, since the logs go to
             the trainer state, ``report_to`` and the callbacks anyway.
+        lora: LoRA (peft) instead of full fine-tuning: ``LoraSettings``, a mapping of its fields, or True for
+            the defaults. The saved policy is then the adapter (with the tokenizer); ``load_policy`` loads it
+            onto its base with the adapter merged.
         config: any other ``ShapEGRPOConfig``/``GRPOConfig`` field, e.g. ``scale_rewards="batch"``,
             ``shapley_engine="monte_carlo"``; on a GPU ``use_cpu=False, bf16=True``; ``use_vllm=True`` for
             vLLM rollouts. CPU, fp32 and no gradient checkpointing by default.
@@ -265,6 +290,7 @@ def train_policy(
     if not resume and list_checkpoints(output_dir):
         raise ValueError(f"{output_dir} already holds checkpoints; pass resume=True or use a fresh directory")
 
+    lora = lora_settings(lora)
     model, tokenizer = load_policy(base_policy_path, lora=lora)
     if max_completion_length is None:
         max_completion_length = model.generation_config.max_new_tokens or 256
@@ -350,7 +376,7 @@ def train_policy(
         resumed_from=resume_from,
         train_seconds=train_seconds,
         seconds_per_step=sum(step_times) / len(step_times) if step_times else math.nan,
-        config={k: v for k, v in settings.items() if _jsonable(v)},
+        config={k: v for k, v in settings.items() if _jsonable(v)} | {"lora": asdict(lora) if lora else None},
     )
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
     (final / RESULT_FILE).write_text(json.dumps(summary, indent=1, default=str))
@@ -371,6 +397,7 @@ __all__ = [
     "HeldOutEvalCallback",
     "TrainResult",
     "eval_curve",
+    "lora_settings",
     "method_settings",
     "train_policy",
 ]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from shapegrpo_core.evaluation import generate_completions
+from shapegrpo_core.models import ModelUnavailableError
 from shapegrpo_core.policy import (
     BOS,
     EOS,
@@ -191,11 +192,15 @@ def test_load_policy_with_lora(warm: Path) -> None:
     out.logits.sum().backward()  # gradients flow into the adapter
 
 
-def test_load_policy_rejects_non_checkpoints(tmp_path: Path) -> None:
+def test_load_policy_rejects_non_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="not a local Hugging Face checkpoint"):
         load_policy(tmp_path)
-    with pytest.raises(ValueError, match="not a local Hugging Face checkpoint"):
-        load_policy("Qwen/Qwen2.5-0.5B-Instruct")  # a hub name is not fetched
+    with pytest.raises(ValueError, match="neither a local checkpoint directory"):
+        load_policy("no-such-model")
+    # A hub id is fetched only when the hub is reachable; offline (as the pipeline runs) it is a clear error.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailableError, match="not reachable and not cached"):
+        load_policy("Qwen/Qwen2.5-0.5B-Instruct")
 
 
 def test_format_prompt_follows_the_chat_template(task: RecsysTask) -> None:

@@ -12,6 +12,7 @@ from pipelines.resources import ComputeResource, GenerationResource, MLflowResou
 from pipelines.taskio import load_split, load_task
 from pipelines.tracking import MLflowMetricsCallback, log_file, log_metrics, log_policy_model, stage_run
 from shapegrpo_core import policy
+from shapegrpo_core.models import resolve_model
 
 
 @dg.asset(
@@ -31,9 +32,10 @@ def base_policy(
 ) -> dg.Output[dict[str, Any]]:
     task = load_task(task_dataset)
     if config.model_path:
-        path = Path(config.model_path).resolve()
+        # A local directory, the alias smollm2-135m-instruct (prepared here on first use) or a Hub id.
+        path = resolve_model(config.model_path)
         source = "local_checkpoint"
-        params: dict[str, Any] = {"model_path": str(path)}
+        params: dict[str, Any] = {"model_path": config.model_path, "resolved_path": str(path)}
     else:
         source = "warm_start"
         params = config.model_dump(exclude={"model_path", "register_model"})

@@ -13,6 +13,8 @@ TASKS: dict[str, str] = {
     "recsys": "shapegrpo_core.tasks.recsys:RecsysTask",
     "code": "shapegrpo_core.tasks.code:CodeTask",
     "summarize": "shapegrpo_core.tasks.summarize:SummarizeTask",
+    "aclsum": "shapegrpo_core.tasks.aclsum:ACLSumTask",
+    "recsys_nl": "shapegrpo_core.tasks.recsys_nl:NLRecsysTask",
 }
 
 
