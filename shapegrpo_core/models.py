@@ -285,13 +285,16 @@ def cpu_threads(requested: int | None = None) -> int:
     return max(1, min(8, cores))
 
 
-# Training settings that make one ShapE-GRPO step of a 135M model take seconds on CPU: few completions of
-# few tokens (generation dominates), LoRA on the attention and MLP projections, no KL (no reference model
-# to run), fp32 (bf16 autocast is slower on most CPUs).
+# Training settings that keep one ShapE-GRPO step of a 135M model on CPU to tens of seconds (measured by
+# benchmarks/real_model_step.py: ~30-55 s per step of 8 completions on one shared core, about a third
+# generation, two thirds forward + backward): few completions of few tokens, LoRA on every linear layer, no
+# KL (no reference model to run), fp32 (bf16 autocast is slower on most CPUs), one thread per process on a
+# shared machine (more threads than free cores oversubscribe it).
 CPU_TRAINING_DEFAULTS: dict[str, Any] = {
     "num_generations": 4,
     "prompts_per_step": 2,
-    "max_completion_length": DEFAULT_MAX_NEW_TOKENS,
+    "max_completion_length": 24,
+    "temperature": 0.7,
     "learning_rate": 1e-4,
     "beta": 0.0,
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
