@@ -60,6 +60,15 @@ def smoke_run_config(tmp_path: Path, path: Path = SMOKE, **mlflow_config: Any) -
     return config
 
 
+def subprocess_env(**settings: str) -> dict[str, str]:
+    """This process's environment for a pipeline subprocess, without any MLflow, Dagster or project setting
+    (earlier tests' ``mlflow.set_tracking_uri``/``set_registry_uri`` leave MLFLOW_* variables behind), plus
+    ``settings``."""
+    prefixes = ("MLFLOW_", "DAGSTER_", "SHAPEGRPO_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    return {**env, "OMP_NUM_THREADS": "1", **settings}
+
+
 def resources(tmp_path: Path) -> dict[str, Any]:
     return build_resources(**workspace(tmp_path))
 

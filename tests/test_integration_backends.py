@@ -3,7 +3,6 @@ coordinator, a concurrency limit on training runs) with its daemon, and an MLflo
 PostgreSQL. Two compare_methods smoke runs are submitted through the queue at once; both succeed, and the
 MLflow server holds every run, metric step and model version of both. About two minutes on 2 cores."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 import yaml
 from backends import mlflow_server, postgres_bin, postgres_cluster
 from mlflow import MlflowClient
+from pipeline_fixtures import subprocess_env
 
 from pipelines.config import METHODS
 from pipelines.tracking import TAG_METHOD, TAG_ROOT_RUN
@@ -34,14 +34,12 @@ def test_two_queued_runs_on_postgres_dagster_and_an_mlflow_server(tmp_path, monk
             home = tmp_path / "dagster_home"
             home.mkdir()
             shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-            env = {
-                **os.environ,
-                "DAGSTER_HOME": str(home),
-                "DAGSTER_PG_URL": pg.url("dagster"),
-                "MLFLOW_TRACKING_URI": tracking_uri,
-                "SHAPEGRPO_DATA_DIR": str(tmp_path / "data"),
-                "OMP_NUM_THREADS": "1",
-            }
+            env = subprocess_env(
+                DAGSTER_HOME=str(home),
+                DAGSTER_PG_URL=pg.url("dagster"),
+                MLFLOW_TRACKING_URI=tracking_uri,
+                SHAPEGRPO_DATA_DIR=str(tmp_path / "data"),
+            )
             monkeypatch.setenv("DAGSTER_PG_URL", env["DAGSTER_PG_URL"])  # for this process's instance
             daemon = subprocess.Popen(
                 [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "pipelines"],
@@ -77,7 +75,7 @@ def test_two_queued_runs_on_postgres_dagster_and_an_mlflow_server(tmp_path, monk
                 daemon.terminate()
                 daemon.wait(timeout=60)
 
-            client = MlflowClient(tracking_uri=tracking_uri)
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             experiment = client.get_experiment_by_name("shapegrpo-smoke").experiment_id
             max_steps = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())["ops"][
                 "fine_tuned_policy"

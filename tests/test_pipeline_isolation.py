@@ -3,13 +3,13 @@ instance, one data directory and one MLflow store: both succeed, and every value
 run's assets refer to belongs to that run (per-root-run storage). About a minute on 2 cores."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
 from mlflow import MlflowClient
+from pipeline_fixtures import subprocess_env
 
 from pipelines.tracking import TAG_ROOT_RUN
 
@@ -32,14 +32,12 @@ def test_two_runs_at_once_never_read_each_others_values(tmp_path) -> None:
     home, data = tmp_path / "dagster_home", tmp_path / "data"
     home.mkdir()
     tracking = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "SHAPEGRPO_DATA_DIR": str(data),
-        "MLFLOW_TRACKING_URI": tracking,
-        "SHAPEGRPO_MLFLOW_ARTIFACTS": str(tmp_path / "mlruns" / "artifacts"),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = subprocess_env(
+        DAGSTER_HOME=str(home),
+        SHAPEGRPO_DATA_DIR=str(data),
+        MLFLOW_TRACKING_URI=tracking,
+        SHAPEGRPO_MLFLOW_ARTIFACTS=str(tmp_path / "mlruns" / "artifacts"),
+    )
     # Dagster's own SQLite storage is created on first use, and two processes creating it at once race in its
     # schema migration (alembic: "more than one head"): the README says to create it first, as here.
     dg.DagsterInstance.from_config(str(home)).dispose()
@@ -64,7 +62,7 @@ def test_two_runs_at_once_never_read_each_others_values(tmp_path) -> None:
             stored = {r.event_log_entry.asset_materialization.metadata["stored_at"].value for r in records}
             assert stored and all(f"/assets/{run.run_id}" in path for path in stored), stored
 
-    client = MlflowClient(tracking_uri=tracking)
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
     for run_id in run_ids:
         other = (run_ids - {run_id}).pop()
         values = list((data / "assets" / run_id).rglob("*.json"))

@@ -14,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 from mlflow import MlflowClient
+from pipeline_fixtures import subprocess_env
 
 from pipelines.config import METHODS
 from pipelines.tracking import TAG_METHOD, TAG_ROOT_RUN
@@ -58,14 +59,12 @@ def test_sigkill_mid_training_then_documented_resume_equals_uninterrupted_run(tm
     home, data = tmp_path / "dagster_home", tmp_path / "data"
     home.mkdir()
     tracking = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "SHAPEGRPO_DATA_DIR": str(data),
-        "MLFLOW_TRACKING_URI": tracking,
-        "SHAPEGRPO_MLFLOW_ARTIFACTS": str(tmp_path / "mlruns" / "artifacts"),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = subprocess_env(
+        DAGSTER_HOME=str(home),
+        SHAPEGRPO_DATA_DIR=str(data),
+        MLFLOW_TRACKING_URI=tracking,
+        SHAPEGRPO_MLFLOW_ARTIFACTS=str(tmp_path / "mlruns" / "artifacts"),
+    )
     config = _config(tmp_path)
     cmd = [sys.executable, "-m", "dagster", "job", "execute", "-m", "pipelines", "-j", "compare_methods"]
     cmd += ["-c", str(config)]
@@ -111,7 +110,7 @@ def test_sigkill_mid_training_then_documented_resume_equals_uninterrupted_run(tm
         assert child.status == dg.DagsterRunStatus.SUCCESS
         (clean_root,) = [r.run_id for r in runs.values() if r.run_id != killed_root and r.root_run_id is None]
 
-    client = MlflowClient(tracking_uri=tracking)
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
     killed, clean = _histories(client, killed_root), _histories(client, clean_root)
     for method in METHODS:
         assert killed[method].keys() == clean[method].keys(), method
