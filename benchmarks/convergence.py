@@ -1,66 +1,78 @@
-"""Convergence of GRPO vs ShapE-GRPO vs the leave-one-out ablation on the recsys task, measured in one run.
+"""The decisive study: GRPO vs ShapE-GRPO vs leave-one-out vs Winner-Takes-All on recsys worlds where the
+prompt decides, each method tuned alike, compared with paired statistics. Measured in one run.
 
-    python benchmarks/convergence.py          # default: 5 seeds x 2 games x 3 methods x 200 steps, ~25 min
-    python benchmarks/convergence.py --seeds 10 --steps 400 --eval-prompts 68   # scale up
-    python benchmarks/convergence.py --seeds 2 --steps 40 --lr 1e-3            # quick look, no sweep
+    python benchmarks/convergence.py                 # the default study (see README "Convergence")
+    python benchmarks/convergence.py --quick         # 2 seeds, 40 steps, no tuning: a smoke look, ~2 min
+    python benchmarks/convergence.py --seeds 20 --steps 300 --workers 2   # scale up
 
-Protocol (the same for every method; nothing is tuned per method):
+Protocol (docs/statistics.md, "The decisive study"); the same for every method:
 
-1. One SFT warm start (format only: K distinct items, no preferences) of a small word-level Llama
-   (hidden 64, 2 layers) on the recsys world (seed 0). Both games use the same world, hence the same
-   demonstrations and the same warm start.
-2. Shared hyperparameters are tuned once, on GRPO only: a learning-rate sweep (``--lrs``) at the full step
-   budget on both games with a tuning seed that is not one of the reported seeds, scored on held-out users
-   that are *not* the reporting eval users (eval split rows ``[eval_prompts, eval_prompts + tune_prompts)``).
-   The score is the mean over games of the mean eval set utility over the last three evaluations. The winner
-   is then fixed for all methods.
-3. For each game (best_of_set, coverage), seed and method (grpo = uniform credit / lam 0, shapegrpo = Shapley
-   credit / lam 1, loo = leave-one-out credit / lam 1): ``train_policy`` from the warm start with the same
-   settings, evaluating every ``--eval-every`` steps on the first ``--eval-prompts`` eval users
-   (``--eval-samples`` samples each, eval seed 0 for every run: common random numbers). Runs are interleaved
-   (game, seed, then method) so that load drift on a shared machine hits every method alike.
+1. Arms: the recsys presets ``interests`` (K = 4) and ``interests_k8`` (K = 8, the free-rider arm: more slots
+   than the user has good items), each with the ``best_of_set`` and the ``coverage`` game. One SFT warm start
+   per K (format only: K distinct items that ignore the user), shared by both games and all methods.
+2. Reference lines per arm, on the reporting users: a random policy, the warm start (step 0), the best
+   prompt-independent set, the per-user top-K oracle (``shapegrpo_core.tasks.recsys.reference_levels``).
+3. Credit options, then tuning. The options of per-candidate credit (``missing_slots``: are empty slots null
+   players; ``repeats``: do copies split or is a copy a null player) are chosen by ShapE-GRPO's mean score
+   over arms on the tuning seed and users, and then used by every credit method (GRPO has no such option).
+   Then a grid per method and per arm, on a tuning seed and tuning users never used for reporting: a grid of
+   learning rate x format penalty at the full step budget; the score is the mean eval set utility of the last
+   three evaluations. The chosen values are printed next to the results.
+4. Reporting: seeds 0..N-1 for every (arm, method), each from the same warm start with its tuned values;
+   eval every 10 steps up to step 50, then every ``--eval-every`` steps, on the reporting users
+   (``--eval-samples`` samples, eval seed 0 everywhere: common random numbers); then a final evaluation of
+   the trained policy on all reporting users x ``--final-samples`` samples (again common random numbers).
+5. Statistics (``shapegrpo_core.stats``, scipy.stats): per-seed finals; IQM with a bootstrap CI; the paired
+   bootstrap CI of each method minus GRPO over seeds, P(improvement), Wilcoxon signed-rank p; wins and
+   losses; collapse rate (a run whose last tenth of training had most groups identical); steps to 90% of
+   GRPO's gain. An arm *decides* when the paired CI of ShapE-GRPO − GRPO excludes 0 or is narrower than
+   ±0.01.
 
-Outputs ``benchmarks/results/convergence.csv`` (columns
-``method,game,seed,step,eval_set_utility,eval_candidate_utility``), ``convergence.png`` (mean learning curves
-with 95% t-intervals across seeds) and ``convergence_summary.txt`` (the printed summary). Printed per game and
-method: eval steps to reach 90% of GRPO's final eval set utility (and, because the warm start may already
-start near that level, also 90% of GRPO's *gain* over step 0), both as a ratio to GRPO's; final eval set
-utility with a 95% interval across seeds; per-step time as a ratio to GRPO's (wall clock, and process CPU
-time; held-out evaluation excluded).
+Outputs in ``--results`` (default ``benchmarks/results``): ``convergence.csv`` (one row per run and
+evaluation:
+``method, game, K, seed, step, eval_set_utility, ...``; ``eval = "curve"`` for the in-training evaluations,
+``"final"`` for the final one), ``convergence_runs.csv`` (one row per run: tuned values, collapse, wall time),
+``convergence_tuning.csv``, ``convergence.png`` and ``convergence_summary.txt`` (the printed summary).
 """
 
 from __future__ import annotations
 
 import os
 
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# One thread per run and portable CPU kernels: the same seed gives the same numbers on any x86 machine
+# (docs/statistics.md, "Determinism"). Set before torch is imported, in this process and in the workers.
+for _var, _value in (
+    ("OMP_NUM_THREADS", "1"),
+    ("MKL_NUM_THREADS", "1"),
+    ("OPENBLAS_NUM_THREADS", "1"),
+    ("MKL_CBWR", "COMPATIBLE"),
+    ("ATEN_CPU_CAPABILITY", "default"),
+):
+    os.environ.setdefault(_var, _value)
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import math  # noqa: E402
+import itertools  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-
-from shapegrpo_core.policy import warm_start  # noqa: E402
-from shapegrpo_core.tasks.recsys import RecsysTask  # noqa: E402
-from shapegrpo_core.training import train_policy  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("grpo", "shapegrpo", "loo")  # the committed study's methods; --methods adds wta
-GAMES = ("best_of_set", "coverage")
+METHODS = ("grpo", "shapegrpo", "loo", "wta")
+ARMS = (
+    ("interests", "best_of_set"),
+    ("interests", "coverage"),
+    ("interests_k8", "best_of_set"),
+    ("interests_k8", "coverage"),
+)
 TUNING_SEED = 1000
-# Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (beyond: 1.96 is within 2%).
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042]  # fmt: skip
+DECISIVE_HALF_WIDTH = 0.01
 WARM_START = {
     "num_demos": 3000,
     "epochs": 2.0,
@@ -73,306 +85,557 @@ WARM_START = {
 }
 
 
-class StepTimer(TrainerCallback):
-    """Wall and process-CPU seconds of each optimizer step (generation, scoring, credit, backward).
+@dataclass(frozen=True)
+class Run:
+    """One training run: what a worker process needs (plain values, picklable)."""
 
-    Registered before the held-out evaluation callback, whose on_step_end runs after this one's, so evaluation
-    time is not counted."""
-
-    def __init__(self) -> None:
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-        self._start = (0.0, 0.0)
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._start = (time.perf_counter(), time.process_time())
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.wall.append(time.perf_counter() - self._start[0])
-        self.cpu.append(time.process_time() - self._start[1])
-
-
-def mean_ci(values: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval across seeds."""
-    x = np.asarray(values, dtype=np.float64)
-    m = float(x.mean())
-    if x.size < 2:
-        return m, m, m
-    half = (T975[x.size - 2] if x.size - 1 <= len(T975) else 1.96) * float(x.std(ddof=1)) / math.sqrt(x.size)
-    return m, m - half, m + half
+    preset: str
+    game: str
+    method: str
+    seed: int
+    lr: float
+    format_penalty: float
+    policy: str
+    work_dir: str
+    eval_rows: tuple[int, int]
+    steps: int
+    eval_every: int
+    eval_samples: int
+    final_samples: int  # 0: no final evaluation (tuning runs)
+    num_generations: int
+    prompts_per_step: int
+    missing_slots: str
+    repeats: str
+    dense: bool  # also evaluate every 10 steps up to step 50 (reporting runs)
 
 
-def steps_to_reach(curve: dict[int, float], threshold: float) -> int | None:
-    """First evaluated step whose (seed-mean) eval set utility is >= threshold; None if never."""
-    for step in sorted(curve):
-        if curve[step] >= threshold:
-            return step
-    return None
+def make_task(preset: str, game: str) -> Any:
+    from shapegrpo_core.tasks.recsys import RecsysTask
+
+    return RecsysTask.from_preset(preset, game=game, seed=0)
 
 
-def run_one(
-    task: RecsysTask,
-    policy: Path,
-    out: Path,
-    method: str,
-    seed: int,
-    lr: float,
-    args: argparse.Namespace,
-    eval_rows: tuple[int, int],
-) -> tuple[list[dict[str, float]], StepTimer, float]:
-    eval_dataset = task.build_dataset("eval", 0).select(range(*eval_rows))
-    timer = StepTimer()
+def completion_length(k: int) -> int:
+    """Tokens of an exactly-K answer: K items, K − 1 commas and EOS. A longer answer is cut here, so a
+    policy cannot pad past K items and the length never drifts (docs/statistics.md, "Format")."""
+    return 2 * k
+
+
+def run_one(run: Run) -> dict[str, Any]:
+    """Train one run and evaluate it; returns its curve, its final evaluation and run facts."""
+    import torch
+
+    from shapegrpo_core.batch_credit import collapsed
+    from shapegrpo_core.evaluation import evaluate_policy
+    from shapegrpo_core.policy import load_policy
+    from shapegrpo_core.training import train_policy
+
+    torch.set_num_threads(1)
+    task = make_task(run.preset, run.game)
+    eval_dataset = task.build_dataset("eval", 0).select(range(*run.eval_rows))
+    out = Path(run.work_dir)
+    shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     result = train_policy(
         task,
-        policy,
+        run.policy,
         out,
-        method=method,
-        max_steps=args.steps,
-        seed=seed,
-        num_generations=args.num_generations,
-        prompts_per_step=args.prompts_per_step,
-        learning_rate=lr,
-        max_completion_length=args.max_completion_length,
+        method=run.method,
+        max_steps=run.steps,
+        seed=run.seed,
+        num_generations=run.num_generations,
+        prompts_per_step=run.prompts_per_step,
+        learning_rate=run.lr,
+        max_completion_length=completion_length(task.num_candidates),
         temperature=1.0,
         beta=0.0,
-        format_penalty=args.format_penalty,
-        save_steps=args.steps,  # one checkpoint at the end: the benchmark does not need resumability
+        format_penalty=run.format_penalty,
+        missing_slots=run.missing_slots,
+        repeats=run.repeats,
+        save_steps=run.steps,  # one checkpoint at the end: the benchmark does not need resumability
         save_total_limit=1,
-        eval_every=args.eval_every,
+        eval_every=run.eval_every,
+        eval_also_at=tuple(range(10, min(50, run.steps) + 1, 10)) if run.dense else (),
         eval_dataset=eval_dataset,
         eval_num_prompts=None,
-        eval_num_samples=args.eval_samples,
+        eval_num_samples=run.eval_samples,
         eval_seed=0,
-        callbacks=[timer],
         resume=False,
-        logging_steps=args.eval_every,
+        logging_steps=1,
         log_level="error",
     )
-    wall = time.perf_counter() - start
+    train_wall = time.perf_counter() - start
+    logged = [h for h in result.history if "shapegrpo/identical_group_rate" in h]
+    rates = [h["shapegrpo/identical_group_rate"] for h in logged]
+    tail = logged[-max(1, len(logged) // 10) :]  # the window collapsed() looks at
+    identical = float(np.mean([h["shapegrpo/identical_group_rate"] for h in tail]))
+    entropy = float(np.mean([h.get("entropy", np.nan) for h in tail]))
+    final: dict[str, float] = {}
+    if run.final_samples:
+        model, tokenizer = load_policy(result.final_checkpoint)
+        report = evaluate_policy(
+            model,
+            tokenizer,
+            task,
+            dataset=eval_dataset,
+            num_samples=run.final_samples,
+            max_new_tokens=completion_length(task.num_candidates),
+            temperature=1.0,
+            seed=0,
+            num_bootstrap=200,
+        )
+        final = {f"eval_{k}": v for k, v in report.to_dict().items() if not k.endswith(("_low", "_high"))}
     shutil.rmtree(out, ignore_errors=True)
-    return result.eval_curve, timer, wall
+    return {
+        "run": run,
+        "curve": result.eval_curve,
+        "final": final,
+        "identical_group_rate": identical,
+        "entropy": entropy,
+        "collapsed": collapsed(rates),
+        "train_wall_s": train_wall,
+        "seconds_per_step": result.seconds_per_step,
+    }
 
 
-def ratio(a: int | None, b: int | None) -> str:
-    """Steps ratio as printed: 'never' if the method never reached the threshold, 'n/a' if GRPO did at 0."""
-    if a is None:
-        return "never"
-    if not b:
-        return "n/a"
-    return f"{a / b:.2f}"
+def tuning_row(run: Run, score: float, phase: str) -> dict[str, Any]:
+    return {
+        "phase": phase,
+        "preset": run.preset,
+        "game": run.game,
+        "method": run.method,
+        "lr": run.lr,
+        "format_penalty": run.format_penalty,
+        "missing_slots": run.missing_slots,
+        "repeats": run.repeats,
+        "score": score,
+    }
 
 
 def tail_score(curve: list[dict[str, float]], last: int = 3) -> float:
     return float(np.mean([e["eval_set_utility"] for e in curve[-last:]]))
 
 
+def steps_to_reach(curve: dict[int, float], threshold: float) -> int | None:
+    """First evaluated step whose seed-mean eval set utility is >= threshold; None if never."""
+    return next((s for s in sorted(curve) if curve[s] >= threshold), None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=5, help="reported seeds 0..N-1 (default 5)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default 200)")
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--eval-prompts", type=int, default=64, help="reporting eval users (first rows of eval)")
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per eval user")
-    p.add_argument("--tune-prompts", type=int, default=32, help="eval users for tuning (disjoint)")
-    p.add_argument("--lrs", type=str, default="5e-4,1e-3,2e-3,4e-3", help="GRPO learning-rate sweep")
-    p.add_argument("--lr", type=float, default=None, help="skip the sweep and use this learning rate")
+    p.add_argument("--seeds", type=int, default=10, help="reported seeds 0..N-1 (default 10)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default 100)")
+    p.add_argument("--eval-every", type=int, default=25, help="eval interval after step 50 (default 25)")
+    p.add_argument("--eval-prompts", type=int, default=64, help="reporting eval users (first eval rows)")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per user, in-training evaluations")
+    p.add_argument("--final-samples", type=int, default=16, help="samples per user, final evaluation")
+    p.add_argument("--tune-prompts", type=int, default=32, help="tuning users (the next eval rows)")
+    p.add_argument("--lrs", type=str, default="1e-3,2e-3", help="learning-rate grid, tuned per method")
+    p.add_argument("--penalties", type=str, default="0.1,0.5", help="format-penalty grid, tuned per method")
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=4)
-    p.add_argument("--max-completion-length", type=int, default=12)
     p.add_argument(
-        "--format-penalty",
-        type=float,
-        default=0.1,
-        help="set-reward penalty for a response that is not exactly K distinct items (all methods alike)",
+        "--missing-slots",
+        choices=("auto", "ignore", "null"),
+        default="auto",
+        help="credit of empty slots; auto: chosen by the credit-options phase",
     )
-    p.add_argument("--games", type=str, default=",".join(GAMES))
     p.add_argument(
-        "--methods", type=str, default=",".join(METHODS), help="grpo first, then any of shapegrpo,loo,wta"
+        "--repeats",
+        choices=("auto", "shared", "null"),
+        default="auto",
+        help="credit of repeated candidates; auto: chosen by the credit-options phase",
     )
+    p.add_argument("--arms", type=str, default=",".join(f"{a}:{g}" for a, g in ARMS), help="preset:game,...")
+    p.add_argument("--methods", type=str, default=",".join(METHODS), help="grpo first")
+    p.add_argument("--workers", type=int, default=2, help="parallel runs (one CPU thread each)")
+    p.add_argument("--quick", action="store_true", help="2 seeds, 40 steps, first grid values: a smoke look")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/shapegrpo-convergence"))
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
-    torch.set_num_threads(1)
-    games = [g for g in args.games.split(",") if g]
+    if args.quick:
+        args.seeds, args.steps, args.eval_every = 2, 40, 20
+        args.lrs, args.penalties = args.lrs.split(",")[0], args.penalties.split(",")[0]
+        args.missing_slots = "null" if args.missing_slots == "auto" else args.missing_slots
+        args.repeats = "shared" if args.repeats == "auto" else args.repeats
+    arms = [tuple(a.split(":")) for a in args.arms.split(",") if a]
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or methods[0] != "grpo":
-        p.error("--methods must start with grpo (the reference every ratio is taken against)")
-    seeds = list(range(args.seeds))
+        p.error("--methods must start with grpo (the reference every difference is taken against)")
+    grid = list(
+        itertools.product(
+            [float(x) for x in args.lrs.split(",")], [float(x) for x in args.penalties.split(",")]
+        )
+    )
     args.work_dir.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+
+    from shapegrpo_core.policy import warm_start
+    from shapegrpo_core.tasks.recsys import reference_levels
+
+    num_eval = len(make_task(*arms[0]).build_dataset("eval", 0))
+    if args.eval_prompts + args.tune_prompts > num_eval:
+        raise SystemExit(f"--eval-prompts + --tune-prompts must be <= {num_eval} (eval users)")
+    report_rows = (0, args.eval_prompts)
+    tune_rows = (args.eval_prompts, args.eval_prompts + args.tune_prompts)
+    policies: dict[str, Path] = {}
+    references: dict[tuple[str, str], dict[str, float]] = {}
+    for preset, game in arms:
+        task = make_task(preset, game)
+        if preset not in policies:
+            policies[preset] = args.work_dir / f"warm_start_{preset}"
+            if not (policies[preset] / "config.json").is_file():
+                warm_start(task, policies[preset], **WARM_START)
+        references[(preset, game)] = reference_levels(
+            task, task.build_dataset("eval", 0).select(range(*report_rows))
+        )
+    print(f"warm starts ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    def make_run(
+        preset: str,
+        game: str,
+        method: str,
+        seed: int,
+        lr: float,
+        pen: float,
+        tuning: bool,
+        options: tuple[str, str],
+    ) -> Run:
+        tag = f"{preset}-{game}-{method}-{seed}-{lr:g}-{pen:g}-{'-'.join(options)}"
+        return Run(
+            preset,
+            game,
+            method,
+            seed,
+            lr,
+            pen,
+            str(policies[preset]),
+            str(args.work_dir / tag),
+            tune_rows if tuning else report_rows,
+            args.steps,
+            args.eval_every,
+            args.eval_samples,
+            0 if tuning else args.final_samples,
+            args.num_generations,
+            args.prompts_per_step,
+            *options,
+            dense=not tuning,
+        )
+
+    tuning_rows: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        # -- credit options: ShapE-GRPO with each (missing_slots, repeats) left "auto", on the tuning seed and
+        # users at the first grid point; the best mean over arms becomes every credit method's setting
+        slot_choices = ("ignore", "null") if args.missing_slots == "auto" else (args.missing_slots,)
+        repeat_choices = ("shared", "null") if args.repeats == "auto" else (args.repeats,)
+        combos = list(itertools.product(slot_choices, repeat_choices))
+        options = combos[0]
+        if len(combos) > 1:
+            lr0, pen0 = grid[0]
+            option_runs = [
+                make_run(a, g, "shapegrpo", TUNING_SEED, lr0, pen0, True, c) for a, g in arms for c in combos
+            ]
+            option_score: dict[tuple[str, str], list[float]] = defaultdict(list)
+            for r in pool.map(run_one, option_runs):
+                run = r["run"]
+                score = tail_score(r["curve"])
+                option_score[(run.missing_slots, run.repeats)].append(score)
+                tuning_rows.append(tuning_row(run, score, "credit_options"))
+                print(
+                    f"  options {run.preset}/{run.game} missing_slots={run.missing_slots} "
+                    f"repeats={run.repeats}: {score:.4f}",
+                    flush=True,
+                )
+            options = max(combos, key=lambda c: float(np.mean(option_score[c])))
+        args.missing_slots, args.repeats = options
+        # -- tuning: every (arm, method, grid point) on the tuning seed and tuning users -----------
+        tuning_runs = [
+            make_run(a, g, m, TUNING_SEED, lr, pen, True, options)
+            for a, g in arms
+            for m in methods
+            for lr, pen in grid
+        ]
+        tuned: dict[tuple[str, str, str], tuple[float, float]] = {}
+        for r in pool.map(run_one, tuning_runs if len(grid) > 1 else []):
+            run = r["run"]
+            score = tail_score(r["curve"])
+            tuning_rows.append(tuning_row(run, score, "grid"))
+            print(
+                f"  tune {run.preset}/{run.game} {run.method} lr={run.lr:g} pen={run.format_penalty:g}: "
+                f"{score:.4f}",
+                flush=True,
+            )
+        for a, g in arms:
+            for m in methods:
+                rows = [
+                    t
+                    for t in tuning_rows
+                    if t["phase"] == "grid" and (t["preset"], t["game"], t["method"]) == (a, g, m)
+                ]
+                best = max(rows, key=lambda t: t["score"]) if rows else None
+                tuned[(a, g, m)] = (best["lr"], best["format_penalty"]) if best else grid[0]
+        tune_wall = time.perf_counter() - t0
+        # -- reporting: interleaved (arm, seed, method) so load drift hits every method alike ------
+        runs = [
+            make_run(a, g, m, s, *tuned[(a, g, m)], False, options)
+            for a, g in arms
+            for s in range(args.seeds)
+            for m in methods
+        ]
+        results = []
+        for r in pool.map(run_one, runs):
+            run = r["run"]
+            results.append(r)
+            print(
+                f"  {run.preset}/{run.game} seed={run.seed} {run.method}: final "
+                f"{r['final']['eval_set_utility']:.4f} collapsed={r['collapsed']} "
+                f"({r['train_wall_s']:.0f} s)",
+                flush=True,
+            )
+
+    write_outputs(args, arms, methods, references, tuned, tuning_rows, results, t0, tune_wall)
+
+
+def k_of(preset: str) -> int:
+    return make_task(preset, "best_of_set").num_candidates
+
+
+def write_outputs(
+    args: argparse.Namespace,
+    arms: list[tuple[str, ...]],
+    methods: tuple[str, ...],
+    references: dict[tuple[str, str], dict[str, float]],
+    tuned: dict[tuple[str, str, str], tuple[float, float]],
+    tuning_rows: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    t0: float,
+    tune_wall: float,
+) -> None:
+    from shapegrpo_core.stats import bootstrap_iqm_ci, paired_difference
+
+    ks = {a: k_of(a) for a, _ in arms}
+    rows, run_rows = [], []
+    for r in results:
+        run: Run = r["run"]
+        key = {
+            "method": run.method,
+            "game": run.game,
+            "K": ks[run.preset],
+            "preset": run.preset,
+            "seed": run.seed,
+        }
+        for e in r["curve"]:
+            rows.append(
+                key
+                | {
+                    "eval": "curve",
+                    "step": e["step"],
+                    "eval_set_utility": e["eval_set_utility"],
+                    "eval_candidate_utility": e["eval_candidate_utility"],
+                    "eval_format_valid_rate": e["eval_format_valid_rate"],
+                    "eval_duplicate_rate": e["eval_duplicate_rate"],
+                }
+            )
+        f = r["final"]
+        rows.append(
+            key
+            | {
+                "eval": "final",
+                "step": run.steps,
+                "eval_set_utility": f["eval_set_utility"],
+                "eval_candidate_utility": f["eval_candidate_utility"],
+                "eval_format_valid_rate": f["eval_format_valid_rate"],
+                "eval_duplicate_rate": f["eval_duplicate_rate"],
+            }
+        )
+        run_rows.append(
+            key
+            | {
+                "lr": run.lr,
+                "format_penalty": run.format_penalty,
+                "collapsed": r["collapsed"],
+                "identical_group_rate": r["identical_group_rate"],
+                "entropy": r["entropy"],
+                "train_wall_s": r["train_wall_s"],
+                "seconds_per_step": r["seconds_per_step"],
+            }
+        )
+    write_csv(args.results / "convergence.csv", rows)
+    write_csv(args.results / "convergence_runs.csv", run_rows)
+    if tuning_rows:
+        write_csv(args.results / "convergence_tuning.csv", tuning_rows)
+
     lines: list[str] = []
 
     def say(line: str = "") -> None:
         print(line, flush=True)
         lines.append(line)
 
-    tasks = {g: RecsysTask(game=g, seed=0) for g in games}
-    num_eval = len(tasks[games[0]].build_dataset("eval", 0))
-    if args.eval_prompts + args.tune_prompts > num_eval:
-        raise SystemExit(f"--eval-prompts + --tune-prompts must be <= {num_eval} (eval users)")
-    report_rows = (0, args.eval_prompts)
-    tune_rows = (args.eval_prompts, args.eval_prompts + args.tune_prompts)
-
-    policy = args.work_dir / "warm_start"
-    if not (policy / "config.json").is_file():
-        warm_start(tasks[games[0]], policy, **WARM_START)
-    print(f"warm start ready at {policy} ({time.perf_counter() - t0:.0f} s)", flush=True)
-
-    # -- 1. tune the shared learning rate once, on GRPO ------------------------------------------------
-    sweep: dict[float, float] = {}
-    if args.lr is None:
-        for lr in [float(x) for x in args.lrs.split(",")]:
-            scores = []
-            for g in games:
-                curve, _, wall = run_one(
-                    tasks[g], policy, args.work_dir / "tune", "grpo", TUNING_SEED, lr, args, tune_rows
-                )
-                scores.append(tail_score(curve))
-                print(f"  tune grpo lr={lr:g} {g}: {scores[-1]:.4f} ({wall:.0f} s)", flush=True)
-            sweep[lr] = float(np.mean(scores))
-        lr = max(sweep, key=lambda k: sweep[k])
-    else:
-        lr = args.lr
-
-    # -- 2. the comparison -------------------------------------------------------------------------------
-    rows: list[dict[str, Any]] = []
-    timing: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: {"wall": [], "cpu": []})
-    for g in games:
-        for seed in seeds:
-            for method in methods:
-                curve, timer, wall = run_one(
-                    tasks[g], policy, args.work_dir / "run", method, seed, lr, args, report_rows
-                )
-                for e in curve:
-                    rows.append(
-                        {
-                            "method": method,
-                            "game": g,
-                            "seed": seed,
-                            "step": e["step"],
-                            "eval_set_utility": e["eval_set_utility"],
-                            "eval_candidate_utility": e["eval_candidate_utility"],
-                        }
-                    )
-                timing[(g, method)]["wall"].append(float(np.mean(timer.wall)))
-                timing[(g, method)]["cpu"].append(float(np.mean(timer.cpu)))
-                print(
-                    f"  {g} seed={seed} {method}: final {curve[-1]['eval_set_utility']:.4f} "
-                    f"step {np.mean(timer.wall):.3f} s wall ({wall:.0f} s total)",
-                    flush=True,
-                )
-
-    csv_path = args.results / "convergence.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(
-            f, fieldnames=["method", "game", "seed", "step", "eval_set_utility", "eval_candidate_utility"]
-        )
-        writer.writeheader()
-        writer.writerows(rows)
-
-    # -- 3. summary ----------------------------------------------------------------------------------------
-    by: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        by[(r["game"], r["method"])][r["step"]].append(r["eval_set_utility"])
-    final_step = max(r["step"] for r in rows)
-
-    say("ShapE-GRPO convergence benchmark (recsys, embedded synthetic world)")
+    say("ShapE-GRPO decisive study (recsys presets; benchmarks/convergence.py)")
     say(
-        f"budget: {len(seeds)} seeds x {args.steps} steps, G={args.num_generations}, "
-        f"{args.prompts_per_step} prompts/step, max_completion_length={args.max_completion_length}, "
-        f"eval every {args.eval_every} steps on {args.eval_prompts} held-out users "
-        f"x {args.eval_samples} samples"
+        f"budget per run: {args.steps} steps, G={args.num_generations}, "
+        f"{args.prompts_per_step} prompts/step, "
+        f"max_completion_length=2K; {args.seeds} paired seeds per method and arm; missing_slots="
+        f"{args.missing_slots}, repeats={args.repeats}"
     )
-    ws = ", ".join(f"{k}={v}" for k, v in WARM_START.items())
-    say(f"warm start (shared by all runs): {ws}")
-    if sweep:
-        tried = ", ".join(f"lr={k:g}: {v:.4f}" for k, v in sweep.items())
-        say(
-            f"learning-rate sweep on GRPO only (seed {TUNING_SEED}, {args.tune_prompts} tuning users): "
-            f"{tried}"
-        )
     say(
-        f"shared hyperparameters (all methods): learning_rate={lr:g}, beta=0, temperature=1.0, "
-        f"format_penalty={args.format_penalty:g}, loss_type=dapo, scale_rewards=group, epsilon=0.2, "
-        "linear LR decay, AdamW (TRL defaults otherwise)"
+        f"evaluation: curves on {args.eval_prompts} users x {args.eval_samples} samples "
+        "(every 10 steps to 50, "
+        f"then every {args.eval_every}); final on {args.eval_prompts} users x {args.final_samples} samples; "
+        "common random numbers everywhere"
     )
-    for g in games:
-        grpo_curve = {s: float(np.mean(v)) for s, v in by[(g, "grpo")].items()}
-        grpo_final = grpo_curve[final_step]
-        start_level = grpo_curve[min(grpo_curve)]
-        thr_level = 0.9 * grpo_final
-        thr_gain = start_level + 0.9 * (grpo_final - start_level)
-        base_level = steps_to_reach(grpo_curve, thr_level)
-        base_gain = steps_to_reach(grpo_curve, thr_gain)
+    say(
+        f"tuning per method and arm: lr in {{{args.lrs}}} x format penalty in {{{args.penalties}}}, seed "
+        f"{TUNING_SEED}, {args.tune_prompts} tuning users disjoint from the reporting ones"
+    )
+    option_rows = [t for t in tuning_rows if t["phase"] == "credit_options"]
+    if option_rows:
+        by_option: dict[str, list[float]] = defaultdict(list)
+        for t in option_rows:
+            by_option[f"missing_slots={t['missing_slots']}, repeats={t['repeats']}"].append(t["score"])
+        tried = "; ".join(f"{k}: {np.mean(v):.4f}" for k, v in by_option.items())
+        say(f"credit options (ShapE-GRPO, tuning seed and users, mean over arms): {tried}")
+    finals: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+    curves: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        k = (row["preset"], row["game"], row["method"])
+        if row["eval"] == "final":
+            finals[k][row["seed"]] = row["eval_set_utility"]
+        else:
+            curves[k][row["step"]].append(row["eval_set_utility"])
+    facts = {(r["preset"], r["game"], r["method"], r["seed"]): r for r in run_rows}
+    quality = defaultdict(list)
+    for row in rows:
+        if row["eval"] == "final":
+            quality[(row["preset"], row["game"], row["method"])].append(row)
+    for preset, game in arms:
+        ref = references[(preset, game)]
+        grpo_curve = {s: float(np.mean(v)) for s, v in curves[(preset, game, "grpo")].items()}
+        start = grpo_curve[0]
+        grpo_final = float(np.mean(list(finals[(preset, game, "grpo")].values())))
+        gain_threshold = start + 0.9 * (grpo_curve[max(grpo_curve)] - start)
         say()
         say(
-            f"game={g}: GRPO final eval set utility {grpo_final:.4f} (step 0: {start_level:.4f}); "
-            f"thresholds 90% of final = {thr_level:.4f}, 90% of gain = {thr_gain:.4f}"
+            f"arm {preset} / {game} (K={ks[preset]}): reference lines random {ref['random']:.3f}, "
+            f"warm start {start:.3f}, best prompt-independent set {ref['prompt_independent']:.3f}, "
+            f"top-K oracle {ref['oracle']:.3f}; GRPO final {grpo_final:.3f} "
+            f"(gain over warm start {grpo_final - start:+.3f})"
         )
         say(
-            f"  {'method':<10} {'steps->90% final':>17} {'ratio':>6} {'steps->90% gain':>16} {'ratio':>6}   "
-            f"{'final eval set utility [95% CI]':<34} {'step wall ratio':>15} {'step cpu ratio':>14}"
+            f"  {'method':<10} {'lr':>6} {'pen':>4} {'mean':>7} {'IQM [95% CI]':>24} "
+            f"{'vs GRPO [95% paired CI]':>30} {'P(impr)':>7} {'wilcoxon':>8} {'W/L':>5} {'collapsed':>9} "
+            f"{'valid':>6} {'dup':>5} {'90%gain@':>8}"
         )
-        for method in methods:
-            curve = {s: float(np.mean(v)) for s, v in by[(g, method)].items()}
-            reach_level = steps_to_reach(curve, thr_level)
-            reach_gain = steps_to_reach(curve, thr_gain)
-
-            m, lo, hi = mean_ci(by[(g, method)][final_step])
-            wall = np.mean(timing[(g, method)]["wall"]) / np.mean(timing[(g, "grpo")]["wall"])
-            cpu = np.mean(timing[(g, method)]["cpu"]) / np.mean(timing[(g, "grpo")]["cpu"])
+        seeds = sorted(finals[(preset, game, "grpo")])
+        base = np.array([finals[(preset, game, "grpo")][s] for s in seeds])
+        for m in methods:
+            x = np.array([finals[(preset, game, m)][s] for s in seeds])
+            q, qlo, qhi = bootstrap_iqm_ci(x, seed=0)
+            lr, pen = tuned[(preset, game, m)]
+            collapsed = sum(facts[(preset, game, m, s)]["collapsed"] for s in seeds)
+            valid = np.mean([r["eval_format_valid_rate"] for r in quality[(preset, game, m)]])
+            dup = np.mean([r["eval_duplicate_rate"] for r in quality[(preset, game, m)]])
+            curve = {s: float(np.mean(v)) for s, v in curves[(preset, game, m)].items()}
+            reach = steps_to_reach(curve, gain_threshold)
+            if m == "grpo":
+                versus = f"{'(reference)':>30} {'':>7} {'':>8} {'':>5}"
+            else:
+                d = paired_difference(x, base, seed=0)
+                wins, losses = int((x > base).sum()), int((x < base).sum())
+                versus = (
+                    f"{f'{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]':>30} {d.p_improvement:>7.2f} "
+                    f"{d.wilcoxon_p:>8.3f} {f'{wins}/{losses}':>5}"
+                )
             say(
-                f"  {method:<10} {('never' if reach_level is None else reach_level):>17} "
-                f"{ratio(reach_level, base_level):>6} {('never' if reach_gain is None else reach_gain):>16} "
-                f"{ratio(reach_gain, base_gain):>6}   {f'{m:.4f} [{lo:.4f}, {hi:.4f}]':<34} "
-                f"{wall:>15.2f} {cpu:>14.2f}"
+                f"  {m:<10} {lr:>6g} {pen:>4g} {x.mean():>7.4f} "
+                f"{f'{q:.4f} [{qlo:.4f}, {qhi:.4f}]':>24} {versus} "
+                f"{f'{collapsed}/{len(seeds)}':>9} {valid:>6.2f} {dup:>5.2f} "
+                f"{('never' if reach is None else reach):>8}"
             )
-        grpo_step = np.mean(timing[(g, "grpo")]["wall"])
-        say(f"  (GRPO step: {grpo_step:.3f} s wall, {np.mean(timing[(g, 'grpo')]['cpu']):.3f} s CPU)")
+        say("  per-seed finals (seed: " + " ".join(str(s) for s in seeds) + ")")
+        for m in methods:
+            say(f"    {m:<10} " + " ".join(f"{finals[(preset, game, m)][s]:.3f}" for s in seeds))
+        if "shapegrpo" in methods:
+            x = np.array([finals[(preset, game, "shapegrpo")][s] for s in seeds])
+            d = paired_difference(x, base, seed=0)
+            if d.excludes_zero:
+                verdict = f"decides: ShapE-GRPO {'beats' if d.mean > 0 else 'loses to'} GRPO (CI excludes 0)"
+            elif max(d.high - d.mean, d.mean - d.low) < DECISIVE_HALF_WIDTH:
+                verdict = f"decides: no difference larger than ±{DECISIVE_HALF_WIDTH} (CI narrower than that)"
+            else:
+                verdict = (
+                    "does NOT decide: the paired CI includes 0 and is wider than ±0.01 (more seeds needed)"
+                )
+            say(f"  verdict: {verdict}")
+    wall = time.perf_counter() - t0
     say()
-    say(f"total wall-clock: {(time.perf_counter() - t0) / 60:.1f} min; results in {csv_path}")
-    plot(rows, games, methods, args.results / "convergence.png", lr)
+    say(
+        f"total wall-clock: {wall / 60:.1f} min on {args.workers} workers (tuning {tune_wall / 60:.1f} min); "
+        f"raw rows in {args.results / 'convergence.csv'}"
+    )
     (args.results / "convergence_summary.txt").write_text("\n".join(lines) + "\n")
+    plot(rows, arms, methods, references, ks, args.results / "convergence.png")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def plot(
     rows: list[dict[str, Any]],
-    games: list[str],
+    arms: list[tuple[str, ...]],
     methods: tuple[str, ...],
+    references: dict[tuple[str, str], dict[str, float]],
+    ks: dict[str, int],
     path: Path,
-    lr: float,
-    title: str = "recsys",
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from scipy import stats as sps
 
     colors = {"grpo": "tab:gray", "shapegrpo": "tab:blue", "loo": "tab:orange", "wta": "tab:green"}
-    fig, axes = plt.subplots(1, len(games), figsize=(6 * len(games), 4.2), squeeze=False)
-    for ax, g in zip(axes[0], games, strict=True):
-        for method in methods:
+    cols = 2 if len(arms) > 1 else 1
+    fig, axes = plt.subplots(
+        (len(arms) + 1) // 2, cols, figsize=(6.5 * cols, 4.2 * ((len(arms) + 1) // 2)), squeeze=False
+    )
+    for ax, (preset, game) in zip(axes.flat, arms, strict=False):
+        warm = []
+        for m in methods:
             per_step: dict[int, list[float]] = defaultdict(list)
             for r in rows:
-                if r["game"] == g and r["method"] == method:
+                if (r["preset"], r["game"], r["method"], r["eval"]) == (preset, game, m, "curve"):
                     per_step[r["step"]].append(r["eval_set_utility"])
             steps = sorted(per_step)
-            stats = [mean_ci(per_step[s]) for s in steps]
-            ax.plot(steps, [s[0] for s in stats], label=method, color=colors[method], marker="o", ms=3)
-            ax.fill_between(
-                steps, [s[1] for s in stats], [s[2] for s in stats], color=colors[method], alpha=0.2
-            )
-        n = len({r["seed"] for r in rows})
-        ax.set_title(f"{title} / {g} ({n} seeds, lr={lr:g})")
+            mean = np.array([np.mean(per_step[s]) for s in steps])
+            half = np.array([sps.sem(per_step[s]) * sps.t.ppf(0.975, len(per_step[s]) - 1) for s in steps])
+            ax.plot(steps, mean, label=m, color=colors.get(m), marker="o", ms=2.5)
+            ax.fill_between(steps, mean - half, mean + half, color=colors.get(m), alpha=0.2)
+            warm.append(mean[0])
+        ref = references[(preset, game)]
+        for name, level, style in (
+            ("random", ref["random"], ":"),
+            ("warm start", float(np.mean(warm)), "-."),
+            ("prompt-independent", ref["prompt_independent"], "--"),
+            ("oracle", ref["oracle"], "-"),
+        ):
+            ax.axhline(level, color="black", lw=0.8, ls=style, alpha=0.6)
+            ax.annotate(name, (0, level), fontsize=7, va="bottom", alpha=0.7)
+        ax.set_title(f"{game}, K={ks[preset]} ({preset})")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("held-out eval set utility")
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{' vs '.join(methods)}: mean and 95% interval across seeds")
+        ax.legend(fontsize=8, loc="center right")
+    fig.suptitle(
+        "mean over seeds with 95% t-band; reference lines: random, warm start, prompt-independent, oracle"
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -30,9 +30,10 @@ class TaskDatasetConfig(dg.Config):
     task: str = Field(default="recsys", description="Task name in shapegrpo_core.tasks.TASKS.")
     num_candidates: int = Field(default=4, ge=1, description="K, candidates per response.")
     task_options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Other keyword arguments of the task constructor (e.g. recsys: num_items, game, "
-        "num_train_users, movielens_path).",
+        default_factory=lambda: {"preset": "interests"},
+        description="Other keyword arguments of the task constructor (e.g. recsys: preset, num_items, game, "
+        "num_train_users, movielens_path). The default is the recsys world where the prompt decides "
+        "(docs/tasks.md, 'Presets').",
     )
     seed: int = Field(default=0, description="Row order of the dataset splits.")
 
@@ -66,7 +67,9 @@ class RolloutConfig(dg.Config):
 
     num_prompts: int = Field(default=32, ge=1, description="Training prompts to roll out.")
     num_generations: int = Field(default=8, ge=2, description="G, responses per prompt.")
-    max_new_tokens: int = Field(default=16, ge=1, description="Completion length cap.")
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Completion length cap; None = the base policy's (as in training)."
+    )
     temperature: float = Field(default=1.0, gt=0)
     seed: int = 0
 
@@ -159,7 +162,12 @@ class EvalConfig(dg.Config):
 
     num_prompts: int = Field(default=100, ge=1, description="Eval prompts (capped at the eval split size).")
     num_samples: int = Field(default=4, ge=1, description="Samples per prompt.")
-    max_new_tokens: int = Field(default=16, ge=1)
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Completion length cap; None = the policy's generation_config.max_new_tokens, the cap "
+        "training used by default.",
+    )
     temperature: float = Field(default=1.0, gt=0)
     num_bootstrap: int = Field(default=1000, ge=100)
     seed: int = 0

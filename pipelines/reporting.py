@@ -84,10 +84,14 @@ def comparison_summary(result: Mapping[str, Any]) -> str:
     hidden = {"train_run_id", "eval_run_id"}
     table = pd.DataFrame(result["table"])
     table = table.drop(columns=[c for c in table.columns if c in hidden])
+    references = ", ".join(f"{k} {v:.4g}" for k, v in result.get("reference_lines", {}).items())
+    collapsed = [r["method"] for r in result["table"] if r.get("collapsed") is True]
     lines = [
         COMPARISON_MARKER,
         table.to_markdown(index=False, floatfmt=".4g"),
         "",
+        f"Reference lines: {references}",
+        f"Collapsed runs (most groups identical at the end of training): {', '.join(collapsed) or 'none'}",
         f"Winner by {result['metric']}: {result['winner'] or 'no significant winner'} ({result['reason']})",
         f"Aliases moved: {result['aliases_moved'] or 'none'}",
         f"Report: {result['report_path']}",

@@ -6,6 +6,16 @@ A plain library (no dagster/mlflow): usable from a notebook, a test or ``acceler
     shapley_values(best_of_set([1.0, 3.0])).values   # array([0.5, 2.5])
 """
 
+import os
+
+# The same seed gives the same numbers on any x86-64 machine with AVX2 (docs/statistics.md, "Determinism").
+# MKL and ATen choose kernels by the CPU's instruction set, and an AVX-512 kernel rounds differently from an
+# AVX2 one: measured here, MKL_CBWR=AVX2 vs the AVX-512 default gives different warm-start weights from one
+# seed. Both are read once, when torch first computes, so they are pinned on import (before any torch op);
+# set either variable yourself to choose otherwise.
+os.environ.setdefault("MKL_CBWR", "AVX2")
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+
 from shapegrpo_core.candidates import Candidate, parse_candidates
 from shapegrpo_core.credit import (
     ALLOCATIONS,

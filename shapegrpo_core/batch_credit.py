@@ -40,10 +40,12 @@ from shapegrpo_core.credit import (
 from shapegrpo_core.credit import (
     _check_allocation as check_allocation,
 )
-from shapegrpo_core.evaluation import ResponseScore
+from shapegrpo_core.evaluation import ResponseScore, repeat_indices
+from shapegrpo_core.games import SumOfMaxGame, without_players
 from shapegrpo_core.shapley import DEFAULT_NUM_PERMUTATIONS, MAX_EXACT_PLAYERS
 
 MISSING_SLOTS = ("ignore", "null")
+REPEATS = ("shared", "null")
 TOKEN_WEIGHTINGS = ("length_aware", "broadcast")
 KNOWN_ENGINES = ("closed_form", "exact", "monte_carlo", "loo", "wta")
 NO_CANDIDATE = -1  # candidate_index of the pseudo-candidate row of a response without slots
@@ -90,10 +92,19 @@ def credit_responses(
     format_valid: Sequence[bool] | None = None,
     format_penalty: float = 0.0,
     texts: Sequence[str] | None = None,
+    repeats: str = "shared",
 ) -> list[ResponseCredit]:
     """Per-response credit of scored responses (None = the scorer failed: NaN utility, no candidates; its
-    format statistics come from ``num_parsed`` / ``format_valid`` when given)."""
+    format statistics come from ``num_parsed`` / ``format_valid`` when given).
+
+    ``repeats="shared"`` values the game as scored: a candidate and its copy are symmetric players and split
+    their credit. ``repeats="null"`` makes every repeat of an earlier candidate a null player (credit 0, the
+    original keeps the full credit); U(N) is unchanged (docs/method.md, "Repeated candidates"). It applies to
+    sum-of-max games whose repeats score exactly as their originals (every built-in task); any other
+    response keeps the game as scored."""
     check_allocation(allocation, 1.0)
+    if repeats not in REPEATS:
+        raise ValueError(f"repeats must be one of {REPEATS}, got {repeats!r}")
     if not (math.isfinite(format_penalty) and format_penalty >= 0.0):
         raise ValueError(f"format_penalty must be finite and >= 0, got {format_penalty}")
     n = len(scores)
@@ -102,6 +113,8 @@ def credit_responses(
             raise ValueError(f"{name} has {len(seq)} entries for {n} responses")
     live = [i for i, s in enumerate(scores) if s is not None]
     games = [scores[i].game for i in live]  # type: ignore[union-attr]
+    if repeats == "null":
+        games = [_null_repeats(g, scores[i]) for g, i in zip(games, live, strict=True)]  # type: ignore[arg-type]
     opts: dict[str, Any] = {"engine": engine, "seed": seed, "num_permutations": num_permutations}
     opts["max_exact_players"] = max_exact_players
     shapley = allocate_credit(games, "shapley", 1.0, **opts) if games else []
@@ -139,6 +152,37 @@ def credit_responses(
             )
         )
     return out
+
+
+def _null_repeats(game: Any, score: ResponseScore) -> Any:
+    """The game with repeated candidates as null players; the game as scored when a "repeat" is not a copy
+    in it (a different column, or a game type that is not sum-of-max): credit then stays shared."""
+    repeated = repeat_indices(score.candidates)
+    if not repeated or not isinstance(game, SumOfMaxGame) or game.batch_shape:
+        return game
+    first: dict[str, int] = {}
+    for j, c in enumerate(score.candidates):
+        first.setdefault(c.text.strip(), j)
+    y = game.gains()  # (T, K)
+    originals = [first[score.candidates[j].text.strip()] for j in repeated]
+    if not np.allclose(y[:, repeated], y[:, originals], rtol=1e-9, atol=1e-12):
+        return game
+    return without_players(game, repeated)
+
+
+COLLAPSE_TAIL = 0.1  # the last tenth of training
+COLLAPSE_RATE = 0.5  # ... where most groups were one identical text
+
+
+def collapsed(identical_group_rates: Sequence[float]) -> bool:
+    """A run collapsed when, over the last tenth of its steps (at least one), the mean share of prompt groups
+    whose G completions are one identical text (``identical_group_rate``) exceeds one half: such groups have
+    all advantages 0, so the run has stopped learning and does not recover (docs/statistics.md)."""
+    rates = [float(r) for r in identical_group_rates if math.isfinite(r)]
+    if not rates:
+        return False
+    tail = rates[-max(1, int(len(rates) * COLLAPSE_TAIL)) :]
+    return float(np.mean(tail)) > COLLAPSE_RATE
 
 
 def _mean(xs: Sequence[float] | np.ndarray) -> float:
@@ -259,6 +303,7 @@ class BatchCredit:
         num_permutations: int = DEFAULT_NUM_PERMUTATIONS,
         max_exact_players: int = MAX_EXACT_PLAYERS,
         texts: Sequence[str] | None = None,
+        repeats: str = "shared",
     ) -> BatchCredit:
         """Both phases on one process: :func:`credit_responses`, then :meth:`from_responses`."""
         rows = credit_responses(
@@ -270,6 +315,7 @@ class BatchCredit:
             max_exact_players=max_exact_players,
             format_penalty=format_penalty,
             texts=texts,
+            repeats=repeats,
         )
         return cls.from_responses(
             rows,
@@ -444,8 +490,10 @@ __all__ = [
     "KNOWN_ENGINES",
     "MISSING_SLOTS",
     "NO_CANDIDATE",
+    "REPEATS",
     "TOKEN_WEIGHTINGS",
     "BatchCredit",
     "ResponseCredit",
+    "collapsed",
     "credit_responses",
 ]

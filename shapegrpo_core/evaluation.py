@@ -88,16 +88,21 @@ class ResponseScore:
         return self.num_duplicates / self.num_scored if self.num_scored else 0.0
 
 
-def count_duplicates(candidates: Sequence[Candidate]) -> int:
-    """How many candidates repeat (after stripping whitespace) an earlier candidate of the same response."""
+def repeat_indices(candidates: Sequence[Candidate]) -> list[int]:
+    """Indices of the candidates repeating (whitespace stripped) an earlier one of the same response."""
     seen: set[str] = set()
-    dup = 0
-    for c in candidates:
+    repeats = []
+    for j, c in enumerate(candidates):
         key = c.text.strip()
         if key in seen:
-            dup += 1
+            repeats.append(j)
         seen.add(key)
-    return dup
+    return repeats
+
+
+def count_duplicates(candidates: Sequence[Candidate]) -> int:
+    """How many candidates repeat (after stripping whitespace) an earlier candidate of the same response."""
+    return len(repeat_indices(candidates))
 
 
 def set_and_singleton_values(game: Game) -> tuple[float, np.ndarray]:

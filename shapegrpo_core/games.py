@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,6 +268,28 @@ class SumOfMaxGame:
         if not self.batch_shape:
             raise ValueError("take_batch needs a batched game")
         return SumOfMaxGame(self.scores[index], self.weights[index], self.floors[index], self.mask[index])
+
+
+def without_players(game: Game, players: Sequence[int]) -> SumOfMaxGame:
+    """The game with ``players`` made null (absent: they add nothing to any coalition, Shapley value 0).
+
+    Used for repeated candidates (docs/method.md, "Repeated candidates"): a copy of an item already in the set
+    adds nothing to a set of distinct items, so it should earn nothing instead of halving its original's
+    credit. Only sum-of-max games, whose value of a coalition depends on its best score per target, are
+    supported: there a repeat's column equals its original's and U(N) is unchanged.
+    """
+    if not isinstance(game, SumOfMaxGame) or game.batch_shape:
+        raise ValueError(
+            f"without_players needs an unbatched SumOfMaxGame, got {type(game).__name__}: repeated "
+            "candidates "
+            "can be null players only in sum-of-max games (use repeats='shared' for this task)"
+        )
+    idx = np.asarray(list(players), dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= game.num_players):
+        raise ValueError(f"players {idx.tolist()} out of range for {game.num_players} players")
+    mask = game.mask.copy()
+    mask[idx] = False
+    return SumOfMaxGame(scores=game.scores, weights=game.weights, floors=game.floors, mask=mask)
 
 
 def best_of_set(

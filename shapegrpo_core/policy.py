@@ -215,8 +215,10 @@ def warm_start(
     result = trainer.train()
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
-    # Room for the longest demonstration, its <eos> and a few malformed extra tokens.
-    model.generation_config.max_new_tokens = max_completion + 4
+    # Exactly the longest demonstration and its <eos>: the completion length sized to the format. With slack,
+    # RL drifts into answers longer than K that never end (clip ratio 1.0 within ~100 steps, measured), and
+    # the format penalty then shifts every reward alike (docs/statistics.md, "Format").
+    model.generation_config.max_new_tokens = max_completion + 1
     model.generation_config.save_pretrained(str(output_dir))
     info = {
         "task": task.name,
@@ -304,6 +306,14 @@ def _load_adapter(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
     merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     merged.generation_config = base.generation_config
     return merged, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def completion_cap(model: PreTrainedModel, requested: int | None = None, fallback: int = 256) -> int:
+    """Tokens a completion may take: ``requested``, else the model's ``generation_config.max_new_tokens`` (a
+    warm start sets it to its format's length), else ``fallback`` (``train_policy``'s own default)."""
+    if requested is not None:
+        return int(requested)
+    return int(getattr(model.generation_config, "max_new_tokens", None) or fallback)
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str | list[dict[str, str]]:

@@ -30,7 +30,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from shapegrpo_core.checkpoints import find_last_complete_checkpoint, list_checkpoints
 from shapegrpo_core.evaluation import evaluate_policy
-from shapegrpo_core.policy import LoraSettings, format_dataset, load_policy
+from shapegrpo_core.policy import LoraSettings, completion_cap, format_dataset, load_policy
 from shapegrpo_core.tasks.base import Task
 from shapegrpo_core.trainer import ShapEGRPOConfig, ShapEGRPOTrainer
 
@@ -74,6 +74,7 @@ class HeldOutEvalCallback(TrainerCallback):
         seed: int = 0,
         num_bootstrap: int = 200,
         at_start: bool = True,
+        also_at: Sequence[int] = (),
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -88,6 +89,7 @@ class HeldOutEvalCallback(TrainerCallback):
         self.seed = seed
         self.num_bootstrap = num_bootstrap
         self.at_start = at_start
+        self.also_at = frozenset(int(s) for s in also_at)  # extra steps, e.g. dense early evaluations
         self.results: list[dict[str, float]] = []
         self._trainer: ShapEGRPOTrainer | None = None
 
@@ -137,7 +139,8 @@ class HeldOutEvalCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+        step = state.global_step
+        if step % self.every == 0 or step == state.max_steps or step in self.also_at:
             self._run(state, control)
 
 
@@ -236,6 +239,7 @@ def train_policy(
     eval_num_prompts: int | None = 32,
     eval_num_samples: int = 1,
     eval_seed: int = 0,
+    eval_also_at: Sequence[int] = (),
     callbacks: Sequence[TrainerCallback] | None = None,
     report_to: str | list[str] = "none",
     resume: bool = True,
@@ -260,7 +264,8 @@ def train_policy(
         eval_every: held-out evaluation every N steps (plus step 0 and the last), logged as ``heldout/*``;
             None disables it. ``eval_dataset`` defaults to ``task.build_dataset("eval", eval_seed)``; either
             way its first ``eval_num_prompts`` rows are used (None: all), ``eval_num_samples`` samples each,
-            sampled with seed ``eval_seed`` at every evaluation.
+            sampled with seed ``eval_seed`` at every evaluation. ``eval_also_at``: extra evaluation steps
+            (e.g. every 10 steps early on, where curves move fastest).
         callbacks: extra ``TrainerCallback``s (e.g. the pipeline's MLflow logging); ``report_to`` is passed to
             the trainer as is (the core never imports mlflow itself).
         resume: continue from the last *complete* checkpoint in ``output_dir`` if there is one. With
@@ -292,8 +297,7 @@ def train_policy(
 
     lora = lora_settings(lora)
     model, tokenizer = load_policy(base_policy_path, lora=lora)
-    if max_completion_length is None:
-        max_completion_length = model.generation_config.max_new_tokens or 256
+    max_completion_length = completion_cap(model, max_completion_length)
     if train_dataset is None:
         train_dataset = task.build_dataset("train", seed)
     train_dataset = format_dataset(train_dataset, tokenizer)
@@ -338,6 +342,7 @@ def train_policy(
             num_prompts=eval_num_prompts,
             num_samples=eval_num_samples,
             seed=eval_seed,
+            also_at=eval_also_at,
         )
         if eval_dataset is None:
             eval_callback.dataset = format_dataset(eval_callback.dataset, tokenizer)

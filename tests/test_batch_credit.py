@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shapegrpo_core.batch_credit import BatchCredit, ResponseCredit, credit_responses
+from shapegrpo_core.batch_credit import BatchCredit, ResponseCredit, collapsed, credit_responses
 from shapegrpo_core.candidates import Candidate
 from shapegrpo_core.credit import ALLOCATIONS, allocate_credit, group_advantages, winner_takes_all
 from shapegrpo_core.evaluation import ResponseScore, count_duplicates, set_and_singleton_values
-from shapegrpo_core.games import best_of_set, coverage
+from shapegrpo_core.games import ChoiceGame, best_of_set, coverage, without_players
 
 
 def score(game, texts: list[str] | None = None, valid: bool = True) -> ResponseScore:
@@ -238,3 +238,71 @@ def test_from_responses_validates() -> None:
         BatchCredit.from_responses([row, row], 2, allocation="shapley", num_slots=0)
     with pytest.raises(ValueError, match="groups"):
         BatchCredit.from_responses([row, row, row], 2, allocation="shapley")
+
+
+# ------------------------------------------------------------------------------------ repeated candidates
+
+
+def test_shared_repeats_split_credit_and_null_repeats_pay_the_original() -> None:
+    """Best of set {a = 0.8, copy of a, b = 0.3}. Shared (the game as scored): b gets 0.3/3 = 0.1, a and its
+    copy split the rest, (0.8 − 0.3)/2 + 0.1 = 0.35 each. Null: the copy is a null player, so the game is
+    {a, b}: b gets 0.3/2 = 0.15, a 0.15 + 0.5 = 0.65, the copy 0. Both sum to U = 0.8."""
+    s = score(best_of_set(np.array([0.8, 0.8, 0.3])), ["a", " a ", "b"])
+    shared = credit_responses([s], "shapley")[0]
+    null = credit_responses([s], "shapley", repeats="null")[0]
+    np.testing.assert_allclose(shared.phi, [0.35, 0.35, 0.1])
+    np.testing.assert_allclose(null.phi, [0.65, 0.0, 0.15])
+    assert null.set_utility == shared.set_utility == pytest.approx(0.8)
+    assert null.shapley_phi == null.phi  # the free-rider metric sees the same game
+    # loo and wta see the null game too: without the copy, a's leave-one-out value is U − U({b}) = 0.5 and
+    # b's is 0, scaled to sum to U. Shared, the copy hides a's contribution: every leave-one-out value is 0
+    # and the efficient fallback splits U equally among all three.
+    np.testing.assert_allclose(credit_responses([s], "loo")[0].phi, [0.8 / 3] * 3)
+    np.testing.assert_allclose(credit_responses([s], "loo", repeats="null")[0].phi, [0.8, 0.0, 0.0])
+    np.testing.assert_allclose(credit_responses([s], "wta", repeats="null")[0].phi, [0.8, 0.0, 0.0])
+
+
+def test_null_repeats_on_coverage_and_without_repeats_change_nothing() -> None:
+    hits = np.array([[1, 1, 0], [0, 0, 1]], dtype=bool)  # candidates 0 and 1 are copies covering target 0
+    s = score(coverage(hits), ["x", "x", "y"])
+    np.testing.assert_allclose(credit_responses([s], "shapley", repeats="null")[0].phi, [1.0, 0.0, 1.0])
+    np.testing.assert_allclose(credit_responses([s], "shapley")[0].phi, [0.5, 0.5, 1.0])
+    distinct = score(coverage(hits), ["x", "z", "y"])  # same game, distinct texts: no repeats, no change
+    np.testing.assert_allclose(
+        credit_responses([distinct], "shapley", repeats="null")[0].phi, [0.5, 0.5, 1.0]
+    )
+
+
+def test_null_repeats_gives_a_duplicate_the_advantage_of_a_useless_candidate() -> None:
+    """In the loss: a response [a, a] is paid like [a, useless] under null repeats, and a duplicate earns
+    strictly less than under shared repeats (where it takes half of a's credit)."""
+    batch = [
+        score(best_of_set(np.array([0.9, 0.9])), ["a", "a"]),
+        score(best_of_set(np.array([0.9, 0.0])), ["a", "junk"]),
+        score(best_of_set(np.array([0.2, 0.1])), ["c", "d"]),
+        score(best_of_set(np.array([0.5, 0.4])), ["e", "f"]),
+    ]
+    null = BatchCredit.compute(batch, 4, allocation="shapley", repeats="null")
+    shared = BatchCredit.compute(batch, 4, allocation="shapley")
+    np.testing.assert_allclose(null.advantages.candidate[0], null.advantages.candidate[1])
+    assert null.advantages.candidate[0, 1] < shared.advantages.candidate[0, 1]
+
+
+def test_null_repeats_keeps_the_game_where_a_copy_is_not_a_copy() -> None:
+    s = score(best_of_set(np.array([0.8, 0.3])), ["a", "a"])  # same text, different values: not a copy
+    np.testing.assert_allclose(
+        credit_responses([s], "shapley", repeats="null")[0].phi, credit_responses([s], "shapley")[0].phi
+    )
+    with pytest.raises(ValueError, match="repeats must be one of"):
+        credit_responses([s], "shapley", repeats="half")
+    with pytest.raises(ValueError, match="unbatched SumOfMaxGame"):
+        without_players(ChoiceGame(values=np.array([1.0, 1.0]), attraction=np.zeros(2)), [1])
+
+
+def test_a_run_is_collapsed_when_its_last_tenth_has_mostly_identical_groups() -> None:
+    healthy = [0.0] * 90 + [0.25] * 10
+    assert not collapsed(healthy)
+    assert collapsed([0.0] * 90 + [0.75] * 10)  # the last 10 of 100 steps: most groups identical
+    assert not collapsed([1.0] * 90 + [0.0] * 10)  # collapsed early, recovered: judged by the end
+    assert collapsed([0.6])  # a 1-step run: its one step
+    assert not collapsed([]) and not collapsed([float("nan")])

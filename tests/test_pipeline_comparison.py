@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pipeline_fixtures import mlflow_resource, resources
 
-from pipelines.assets import method_comparison
+from pipelines.assets import method_comparison, task_dataset
 from pipelines.assets.evaluation import FINAL_EVAL, NO_WINNER, _curve, paired_units
 from pipelines.config import METHODS
 from pipelines.jobs import compare_methods
@@ -102,7 +102,7 @@ def test_champion_moves_only_on_a_winner(
     # The real compare_methods job (its tags cover every method partition; its hook prints the result) over
     # the real comparison asset and the stand-ins.
     defs = dg.Definitions(
-        assets=[*_stand_ins(utilities, noise), method_comparison],
+        assets=[task_dataset, *_stand_ins(utilities, noise), method_comparison],
         jobs=[compare_methods],
         resources=resources(tmp_path),
         executor=dg.in_process_executor,
@@ -127,6 +127,13 @@ def test_champion_moves_only_on_a_winner(
     printed = capsys.readouterr().out
     assert COMPARISON_MARKER in printed and f"Report: {out['report_path']}" in printed
     assert all(f"| {m} " in printed for m in ["base", *METHODS])
+    # Reference lines: the warm start (base policy) and the default recsys world's three reference policies;
+    # no stand-in logged an identical-group rate, so no run is flagged collapsed.
+    lines = out["reference_lines"]
+    assert set(lines) == {"warm start", "random", "prompt_independent", "oracle"}
+    assert lines["warm start"] == 0.3 and lines["random"] < lines["prompt_independent"] < lines["oracle"]
+    assert "Reference lines: warm start 0.3, random" in printed and "Collapsed runs" in printed
+    assert mat.metadata["collapsed"].value == "none"
     assert Path(out["report_path"]).read_text() == report
     # The asset page shows the table inline (table metadata, one record per policy) and the plot as a short
     # markdown image served by the MLflow UI (inline in Dagster's UI; the embedded PNG is kept too).

@@ -19,6 +19,7 @@ from shapegrpo_core.tasks.recsys import (
     UserRecord,
     affinity,
     format_completion_text,
+    reference_levels,
     relevance,
 )
 
@@ -278,3 +279,66 @@ def test_any_text_gives_a_finite_game(completion: str) -> None:
 
 _HYPO_TASKS = {game: _hand_task(game) for game in GAMES}
 _HYPO_EXAMPLE = _HYPO_TASKS["best_of_set"].build_dataset("train", 0)[0]
+
+
+# ------------------------------------------------------------------------------ presets and references
+
+
+def test_presets_build_the_named_worlds_and_overrides_win() -> None:
+    task = get_task("recsys", preset="interests", game="coverage")
+    assert isinstance(task, RecsysTask)
+    assert (task.catalogue.num_items, len(task.catalogue.genres), task.num_candidates) == (24, 4, 4)
+    assert task.game_name == "coverage" and task.coverage_threshold == 0.5
+    assert RecsysTask.from_preset("interests_k8").num_candidates == 8
+    assert RecsysTask.from_preset("interests", num_candidates=2).num_candidates == 2
+    legacy = RecsysTask.from_preset("legacy")
+    assert legacy.catalogue.num_items == RecsysTask().catalogue.num_items
+    with pytest.raises(ValueError, match="unknown recsys preset 'nope'"):
+        RecsysTask.from_preset("nope")
+    with pytest.raises(ValueError, match="has no presets"):
+        get_task("code", preset="interests")
+
+
+@pytest.mark.parametrize("game", GAMES)
+def test_item_gains_value_every_set_as_the_game_does(game: str) -> None:
+    task = RecsysTask.from_preset("interests", game=game, **{"num_train_users": 5, "num_eval_users": 5})
+    rng = np.random.default_rng(0)
+    for row in task.build_dataset("eval", 0):
+        weights, gains = task.item_gains(row)  # (T,), (T, I)
+        for _ in range(5):
+            items = rng.choice(task.catalogue.num_items, size=4, replace=False)
+            completion = format_completion_text([f"i{j}" for j in items])
+            expected = float(weights @ gains[:, items].max(axis=1))
+            assert _value(task, completion, row) == pytest.approx(expected)
+
+
+def test_reference_levels_by_hand() -> None:
+    """Two users, K = 1: user 7 (hand user) is best served by i0 (0.9), user 8 (drama only, history i5) by
+    i4 (1.0). Oracle: (0.9 + 1.0) / 2. One item for both: i4 gives (0 + 1.0) / 2 = 0.5 > i0's 0.45."""
+    drama = UserRecord(
+        user_id=8,
+        history=(5,),
+        interests=(2,),
+        interest_weights=(1.0,),
+        relevance=tuple(relevance(HAND_CATALOGUE, affinity(3, [2], [1.0], 0.0), [5]).tolist()),
+    )
+    users = {"train": [_hand_user()], "eval": [_hand_user(), drama]}
+    task = RecsysTask.from_world(HAND_CATALOGUE, users, num_candidates=1, game="best_of_set")
+    levels = reference_levels(task, task.build_dataset("eval", 0), random_draws=4000)
+    assert levels["oracle"] == pytest.approx(0.95)
+    assert levels["prompt_independent"] == pytest.approx(0.5)
+    # a uniform random item: user 7's relevances sum to 2.0, user 8's to 1.0, over 7 items
+    assert levels["random"] == pytest.approx((2.0 / 7 + 1.0 / 7) / 2, abs=0.01)
+    # K = 3 covers both users' best items with one set: prompt-independent reaches the oracle
+    task3 = RecsysTask.from_world(HAND_CATALOGUE, users, num_candidates=3, game="best_of_set")
+    levels3 = reference_levels(task3, task3.build_dataset("eval", 0))
+    assert levels3["prompt_independent"] == pytest.approx(levels3["oracle"]) == pytest.approx(0.95)
+
+
+def test_the_interests_preset_needs_the_prompt() -> None:
+    """What the preset is for: at K = 4 the best set that ignores the prompt is far below the per-user
+    oracle, and a random set far below that (numbers in docs/tasks.md, "Presets")."""
+    for game in ("best_of_set", "coverage"):
+        task = RecsysTask.from_preset("interests", game=game)
+        levels = reference_levels(task, task.build_dataset("eval", 0))
+        assert levels["random"] + 0.2 < levels["prompt_independent"] < levels["oracle"] - 0.05

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from shapegrpo_core.stats import bootstrap_mean_ci, decide_champion, paired_difference
+from shapegrpo_core.stats import bootstrap_iqm_ci, bootstrap_mean_ci, decide_champion, iqm, paired_difference
 
 
 def test_paired_difference_detects_a_consistent_small_gain() -> None:
@@ -64,3 +64,16 @@ def test_champion_needs_every_pair_significant() -> None:
     scores = {"grpo": base, "shapegrpo": base + 0.1, "loo": base + 0.1 + rng.normal(0, 0.05, 64)}
     decision = decide_champion(scores, seed=0)
     assert decision.winner is None
+
+
+def test_iqm_ignores_the_outer_quartiles() -> None:
+    # 8 runs: the IQM is the mean of the middle four (two collapsed runs and two lucky ones dropped)
+    runs = [0.0, 0.05, 0.40, 0.41, 0.42, 0.43, 0.9, 0.95]
+    assert iqm(runs) == pytest.approx((0.40 + 0.41 + 0.42 + 0.43) / 4)
+    point, low, high = bootstrap_iqm_ci(runs, seed=0)
+    assert point == pytest.approx(0.415)
+    assert low <= point <= high
+    assert bootstrap_iqm_ci(runs, seed=0) == (point, low, high)  # seeded
+    assert bootstrap_iqm_ci([0.3, 0.3, 0.3]) == (0.3, 0.3, 0.3)
+    with pytest.raises(ValueError, match="at least 2 finite"):
+        bootstrap_iqm_ci([0.3, float("nan")])

@@ -26,6 +26,7 @@ from pipelines.resources import ComputeResource, MLflowResource, StorageResource
 from pipelines.taskio import load_split, load_task
 from pipelines.tracking import log_file, log_metrics, log_table, root_run_id, set_aliases, stage_run
 from shapegrpo_core import evaluation, policy
+from shapegrpo_core.batch_credit import collapsed
 from shapegrpo_core.stats import decide_champion
 
 CHECK_FINITE = "check_eval_utility_finite"
@@ -81,7 +82,7 @@ def _evaluate(
         dataset=dataset,
         num_prompts=config.num_prompts,
         num_samples=config.num_samples,
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=policy.completion_cap(model, config.max_new_tokens),
         temperature=config.temperature,
         seed=config.seed,
         num_bootstrap=config.num_bootstrap,
@@ -245,6 +246,7 @@ def _curve(mlflow: MLflowResource, run_id: str, metric: str) -> pd.DataFrame:
 def method_comparison(
     context: dg.AssetExecutionContext,
     config: ComparisonConfig,
+    task_dataset: dict[str, Any],
     policy_evaluation: dict[str, dict[str, Any]],
     fine_tuned_policy: dict[str, dict[str, Any]],
     mlflow: MLflowResource,
@@ -269,10 +271,12 @@ def method_comparison(
         for metric in config.curve_metrics:
             curves[metric][m] = _curve(mlflow, train_run, metric)
         train_curve = curves[config.curve_metrics[0]][m] if config.curve_metrics else pd.DataFrame()
+        identical = _history(mlflow, train_run, "shapegrpo/identical_group_rate")["value"]
         rows.append(
             {
                 "method": m,
                 **{k: metrics.get(k) for k in columns},
+                "collapsed": collapsed(identical.tolist()),
                 "train_steps": int(train_curve["step"].max()) if len(train_curve) else 0,
                 "final_train_metric": float(train_curve["value"].iloc[-1]) if len(train_curve) else None,
                 "model_version": fine_tuned_policy[m].get("model_version"),
@@ -302,9 +306,16 @@ def method_comparison(
     png = figure_png(
         learning_curves(curves, "Learning curves (from MLflow)"), out_dir / "learning_curves.png"
     )
+    references = {"warm start": float(table.loc[0, config.metric])}
+    if config.metric == "set_utility":  # the task's reference policies are valued in set utility
+        references |= _reference_lines(task_dataset)
     report_path = out_dir / "comparison.md"
     report_path.write_text(
         table.to_markdown(index=False, floatfmt=".4g")
+        + (
+            f"\n\nReference lines ({config.metric}): "
+            + ", ".join(f"{k} {v:.4g}" for k, v in references.items())
+        )
         + f"\n\nWinner by {config.metric}: {verdict}\n\n{reason}\n\n"
         + "Paired differences (best mean − other; eval units = prompt × sample, common random numbers):\n\n"
         + (decision_pairs.to_markdown(index=False, floatfmt=".4g") if len(decision_pairs) else "(none)")
@@ -341,6 +352,7 @@ def method_comparison(
         "champion_version": champion_version,
         "aliases_moved": moved,
         "table": table.to_dict(orient="records"),
+        "reference_lines": references,
         "report_path": str(report_path),
         "learning_curves_path": str(out_dir / "learning_curves.png"),
         "mlflow_run_id": rid,
@@ -359,6 +371,9 @@ def method_comparison(
             "comparison": table_metadata(shown),
             "paired_differences": table_metadata(decision_pairs) if len(decision_pairs) else "(none)",
             "champion_version": str(champion_version),
+            "reference_lines": _fmt_lines(references),
+            "collapsed": ", ".join(table.loc[table["collapsed"].fillna(False).astype(bool), "method"])
+            or "none",
             "learning_curves": mlflow_artifact_image_md(
                 ui, rid, "plots/learning_curves.png", "learning curves"
             ),
@@ -369,12 +384,25 @@ def method_comparison(
     )
 
 
+def _fmt_lines(lines: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in lines.items())
+
+
+def _reference_lines(task_dataset: dict[str, Any]) -> dict[str, float]:
+    """Where the methods stand besides the warm start (docs/statistics.md), for a task that knows them
+    (recsys): a random policy, the best prompt-independent set and the oracle, on the eval split."""
+    task = load_task(task_dataset)
+    if not hasattr(task, "reference_levels"):
+        return {}
+    return task.reference_levels(load_split(task_dataset, "eval"))
+
+
 # Prefix of the comparison's numbers logged on each method's training run (and the base policy's eval run),
 # so MLflow's compare view of those runs shows the final eval side by side under the same names.
 FINAL_EVAL = "final_eval"
 
 
-_NOT_METRICS = {"method", "model_version", "train_run_id", "eval_run_id"}
+_NOT_METRICS = {"method", "model_version", "train_run_id", "eval_run_id", "collapsed"}
 _TRAIN_ONLY = {"train_steps", "final_train_metric"}
 
 

@@ -44,7 +44,7 @@ def candidate_sets(
         prompts,
         model_path=base_policy["path"],
         num_samples=config.num_generations,
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=policy.completion_cap(model, config.max_new_tokens),
         temperature=config.temperature,
         seed=config.seed,
     )

@@ -19,12 +19,19 @@ TASKS: dict[str, str] = {
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
-    """Build the task registered under ``name`` with its constructor keyword arguments."""
+    """Build the task registered under ``name`` with its constructor keyword arguments. ``preset="..."``
+    starts from one of the task's named settings (``recsys``: :data:`~shapegrpo_core.tasks.recsys.PRESETS`);
+    the other arguments override it."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
     module_name, cls_name = TASKS[name].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**kwargs)
+    preset = kwargs.pop("preset", None)
+    if preset is None:
+        return cls(**kwargs)
+    if not hasattr(cls, "from_preset"):
+        raise ValueError(f"task {name!r} has no presets (preset={preset!r})")
+    return cls.from_preset(preset, **kwargs)
 
 
 __all__ = ["TASKS", "Task", "get_task"]

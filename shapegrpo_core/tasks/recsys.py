@@ -29,7 +29,9 @@ from held-out ratings (see :mod:`shapegrpo_core.tasks.movielens`).
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -436,6 +438,14 @@ class RecsysTask(Task):
         return task
 
     @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> RecsysTask:
+        """The task on a named world of :data:`PRESETS`, constructor arguments overridden (game, seed, split
+        sizes, ...): ``RecsysTask.from_preset("interests", game="coverage")``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown recsys preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**(PRESETS[name] | overrides))
+
+    @classmethod
     def from_movielens(cls, path: str | Path, **kwargs: Any) -> RecsysTask:
         """The recsys task on MovieLens files in ``path`` (ml-latest ``ratings.csv``/``movies.csv`` or ml-100k
         ``u.data``/``u.item``). Keyword arguments as for the constructor (holdout, history_len, game, ...)."""
@@ -546,6 +556,29 @@ class RecsysTask(Task):
         g = self.game(cands, example)
         return float(g.value(np.ones((1, len(cands)), dtype=bool))[0])
 
+    def item_gains(self, example: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """The game of *every* catalogue item as a candidate: weights (T,) and gains (T, num_items), so that
+        U(S) = sum_t w_t max_{j in S} y_tj for any set S of distinct items (history items gain 0). The same
+        numbers :meth:`game` uses; :func:`reference_levels` searches sets with them."""
+        rel = np.array(example["relevance"], dtype=np.float64)  # (I,)
+        rel[[self._item_index[t] for t in example["history"]]] = 0.0
+        if self.game_name == "best_of_set":
+            return np.ones(1), rel[None, :]
+        genre_index = {g: k for k, g in enumerate(self.catalogue.genres)}
+        in_genre = np.array(
+            [[genre_index[g] in gs for gs in self.catalogue.item_genres] for g in example["interests"]],
+            dtype=bool,
+        ).reshape(len(example["interests"]), self.catalogue.num_items)  # (T, I)
+        weights = np.asarray(example["interest_weights"], dtype=np.float64)  # (T,)
+        if self.game_name == "coverage":
+            return weights, (in_genre & (rel >= self.coverage_threshold)[None, :]).astype(np.float64)
+        return weights, np.where(in_genre, rel[None, :], 0.0)
+
+    def reference_levels(self, dataset: datasets.Dataset, **kwargs: Any) -> dict[str, float]:
+        """Random, best prompt-independent and oracle set utility on ``dataset`` (see
+        :func:`reference_levels`)."""
+        return reference_levels(self, dataset, **kwargs)
+
     def format_valid(self, completion: str) -> bool:
         """Exactly K distinct candidates, each an item of the catalogue (history items are allowed: they are a
         preference error, not a format error)."""
@@ -586,8 +619,107 @@ class RecsysTask(Task):
         return list(dict.fromkeys(words))  # de-duplicated, order kept
 
 
+# ----------------------------------------------------------------------------------------- presets
+
+# Named benchmark worlds (docs/tasks.md, "Presets"). "legacy" is the constructor's defaults: 60 items in 8
+# genres, where a small policy learns which items are good in general but not what the prompt says.
+# "interests" is a world where the prompt decides: 24 items in 4 genres, each user likes 2 of them with
+# different strengths (the history shows both, one item each, the rest by strength) and has seen 4 items
+# (worth 0). Measured on 100 eval users, K = 4 (random / best prompt-independent set / oracle): best-of-set
+# 0.48 / 0.78 / 0.86, coverage 0.31 / 0.63 / 0.92. "interests_k8" is the free-rider arm: the same world with
+# K = 8 slots for at most 8 unseen items of a user's genres (best-of-set 0.67 / 0.86 / 0.86: here a fixed set
+# is as good as the oracle; coverage 0.54 / 0.86 / 0.92).
+_INTERESTS = {
+    "num_items": 24,
+    "num_genres": 4,
+    "num_interests": 2,
+    "history_len": 4,
+    "coverage_threshold": 0.5,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "legacy": {},
+    "interests": _INTERESTS | {"num_candidates": 4},
+    "interests_k8": _INTERESTS | {"num_candidates": 8},
+}
+
+
+def _set_values(weights: np.ndarray, gains: np.ndarray, sets: np.ndarray) -> np.ndarray:
+    """U of each set for each user: weights (U, T), gains (U, T, I), sets (M, K) item indices -> (U, M)."""
+    picked = gains[:, :, sets]  # (U, T, M, K)
+    return np.einsum("ut,utm->um", weights, picked.max(axis=-1))
+
+
+def _greedy_best(weights: np.ndarray, gains: np.ndarray, k: int, start: Sequence[int] = ()) -> list[int]:
+    """Greedy (then 1-swap local search) set of k items maximising the users' mean U."""
+    chosen = list(start)
+    items = range(gains.shape[-1])
+    while len(chosen) < k:
+        rest = [j for j in items if j not in chosen]
+        cand = np.array([[*chosen, j] for j in rest])  # (M, |chosen| + 1)
+        chosen.append(rest[int(_set_values(weights, gains, cand).mean(axis=0).argmax())])
+    best = _set_values(weights, gains, np.array([chosen])).mean()
+    improved = True
+    while improved:  # 1-swap local search: greedy is not optimal for coverage in general
+        improved = False
+        for pos in range(k):
+            rest = [j for j in items if j not in chosen]
+            cand = np.array([[*chosen[:pos], j, *chosen[pos + 1 :]] for j in rest])
+            vals = _set_values(weights, gains, cand).mean(axis=0)
+            if vals.max() > best + 1e-12:
+                chosen, best, improved = cand[int(vals.argmax())].tolist(), float(vals.max()), True
+    return chosen
+
+
+def reference_levels(
+    task: RecsysTask,
+    dataset: datasets.Dataset,
+    *,
+    seed: int = 0,
+    random_draws: int = 256,
+    max_exhaustive_sets: int = 20_000,
+) -> dict[str, float]:
+    """Mean set utility over ``dataset``'s users of three reference policies (docs/tasks.md, "Presets"):
+
+    random: K distinct items uniform over the catalogue (history items included: a random policy does not
+      read the prompt), ``random_draws`` draws per user with ``seed``;
+    prompt_independent: the best single set recommended to every user (exhaustive when there are at most
+      ``max_exhaustive_sets`` sets, else greedy with 1-swap local search: a lower bound);
+    oracle: the best set per user (exact: one best item per target when K >= T targets, else greedy).
+    The fourth reference, the warm start, is the policy's own step-0 evaluation.
+    """
+    if len(dataset) == 0:
+        raise ValueError("reference_levels needs at least one user")
+    pairs = [task.item_gains(row) for row in dataset]
+    weights = np.stack([w for w, _ in pairs])  # (U, T)
+    gains = np.stack([y for _, y in pairs])  # (U, T, I)
+    k, num_items = task.num_candidates, task.catalogue.num_items
+    rng = np.random.default_rng(seed)
+    draws = np.argsort(rng.random((random_draws, num_items)), axis=1)[:, :k]  # (D, K) distinct items
+    random_level = float(_set_values(weights, gains, draws).mean())
+    if math.comb(num_items, k) <= max_exhaustive_sets:
+        sets = np.array(list(itertools.combinations(range(num_items), k)))  # (M, K)
+        independent = float(_set_values(weights, gains, sets).mean(axis=0).max())
+    else:
+        best = _greedy_best(weights, gains, k)
+        independent = float(_set_values(weights, gains, np.array([best])).mean())
+    if k >= gains.shape[1]:
+        oracle = float(np.einsum("ut,ut->u", weights, gains.max(axis=-1)).mean())
+    else:
+        per_user = [_greedy_best(weights[u : u + 1], gains[u : u + 1], k) for u in range(len(pairs))]
+        oracle = float(
+            np.mean(
+                [
+                    _set_values(weights[u : u + 1], gains[u : u + 1], np.array([s]))[0, 0]
+                    for u, s in enumerate(per_user)
+                ]
+            )
+        )
+    return {"random": random_level, "prompt_independent": independent, "oracle": oracle}
+
+
 __all__ = [
     "GAMES",
+    "PRESETS",
     "Catalogue",
     "RecsysTask",
     "UserRecord",
@@ -599,5 +731,6 @@ __all__ = [
     "make_catalogue",
     "make_user",
     "movielens_world",
+    "reference_levels",
     "relevance",
 ]

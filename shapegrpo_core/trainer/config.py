@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from shapegrpo_core.batch_credit import MISSING_SLOTS, TOKEN_WEIGHTINGS
+from shapegrpo_core.batch_credit import MISSING_SLOTS, REPEATS, TOKEN_WEIGHTINGS
 from shapegrpo_core.credit import ALLOCATIONS
 from shapegrpo_core.evaluation import SCORER_ERRORS
 from shapegrpo_core.shapley import DEFAULT_NUM_PERMUTATIONS, ENGINES, MAX_EXACT_PLAYERS
@@ -39,9 +39,12 @@ class ShapEGRPOConfig(GRPOConfig):
             `"length_aware"` keeps every response's summed token advantage equal to GRPO's whatever its
             candidates' lengths; `"broadcast"` is the paper's rule (each candidate token carries its
             candidate's advantage).
-        missing_slots (`str`, defaults to `"ignore"`):
+        missing_slots (`str`, defaults to `"null"`):
             `"ignore"` (the K_g scored candidates are the players) or `"null"` (the K − K_g empty slots are
             null players whose credit lands on the non-candidate tokens: emptying a slot is never free).
+        repeats (`str`, defaults to `"null"`):
+            `"shared"` (a candidate and its copy split their credit) or `"null"` (a repeat of an earlier
+            candidate is a null player: credit 0, the original keeps the full credit).
         shapley_engine (`str`, defaults to `"auto"`):
             `"auto"`, `"closed_form"`, `"exact"` or `"monte_carlo"`.
         mc_permutations (`int`, defaults to `512`):
@@ -69,7 +72,9 @@ class ShapEGRPOConfig(GRPOConfig):
     token_weighting: str = field(
         default="length_aware", metadata=_help("Token weighting.", choices=list(TOKEN_WEIGHTINGS))
     )
-    missing_slots: str = field(default="ignore", metadata=_help("Empty slots.", choices=list(MISSING_SLOTS)))
+    # Defaults chosen by benchmarks/convergence.py's credit-options phase (README "Convergence").
+    missing_slots: str = field(default="null", metadata=_help("Empty slots.", choices=list(MISSING_SLOTS)))
+    repeats: str = field(default="null", metadata=_help("Repeated candidates.", choices=list(REPEATS)))
     shapley_engine: str = field(default="auto", metadata=_help("Shapley engine.", choices=list(ENGINES)))
     mc_permutations: int = field(
         default=DEFAULT_NUM_PERMUTATIONS, metadata=_help("Monte-Carlo permutations.")
@@ -87,6 +92,7 @@ class ShapEGRPOConfig(GRPOConfig):
             "allocation": ALLOCATIONS,
             "token_weighting": TOKEN_WEIGHTINGS,
             "missing_slots": MISSING_SLOTS,
+            "repeats": REPEATS,
             "shapley_engine": ENGINES,
             "scorer_errors": SCORER_ERRORS,
         }

@@ -93,6 +93,7 @@ class ShapEGRPOTrainer(GRPOTrainer):
             format_valid=batch.format_valid,
             format_penalty=args.format_penalty,
             texts=batch.texts,
+            repeats=args.repeats,
         )
         rows = gather_object(local)  # groups can straddle processes: credit needs every response of a group
         credit = BatchCredit.from_responses(
