@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ import datasets
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from shapegrpo_core.candidates import Candidate
 from shapegrpo_core.games import Game, game_from_dict, game_to_dict
@@ -292,6 +294,11 @@ def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
     raise ValueError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
 
 
+def show_progress(progress: bool | None) -> bool:
+    """Progress bars: as asked, else when stderr is a terminal (not in a pipeline step's captured log)."""
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
 def generate_completions(
     model: Any,
     tokenizer: Any,
@@ -305,11 +312,13 @@ def generate_completions(
     do_sample: bool = True,
     seed: int = 0,
     batch_size: int = 32,
+    progress: bool | None = None,
 ) -> list[list[str]]:
     """``num_samples`` completions per prompt (decoded with special tokens skipped, cut at the first EOS).
 
     Deterministic for a seed and batch size. The global torch RNG is forked, so evaluating in the middle of a
-    training run does not change the run's own random stream.
+    training run does not change the run's own random stream. ``progress``: a progress bar over batches
+    (None: when stderr is a terminal).
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError("num_samples and batch_size must be >= 1")
@@ -327,7 +336,8 @@ def generate_completions(
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
-            for start in range(0, len(flat), batch_size):
+            starts = range(0, len(flat), batch_size)
+            for start in tqdm(starts, desc="generation", unit="batch", disable=not show_progress(progress)):
                 chunk = flat[start : start + batch_size]
                 ids = [_prompt_ids(tokenizer, p) for _, p in chunk]
                 width = max(len(x) for x in ids)

@@ -34,7 +34,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from shapegrpo_core.evaluation import generate_completions
+from shapegrpo_core.evaluation import generate_completions, show_progress
 from shapegrpo_core.tasks.base import Task
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -161,6 +161,7 @@ def warm_start(
     num_heads: int = 4,
     seed: int = 0,
     use_cpu: bool = True,
+    progress: bool | None = None,
 ) -> Path:
     """Build tokenizer and tiny model, SFT them on ``task.demonstrations(num_demos, seed)`` with TRL's
     SFTTrainer (prompt-completion format, loss on completion tokens only, <eos> appended), and save both to
@@ -201,7 +202,7 @@ def warm_start(
         logging_steps=10,
         save_strategy="no",
         report_to="none",
-        disable_tqdm=True,
+        disable_tqdm=not show_progress(progress),  # None: a bar when stderr is a terminal
         seed=seed,
         data_seed=seed,
         use_cpu=use_cpu,

@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import PrinterCallback
 
 from shapegrpo_core.checkpoints import find_last_complete_checkpoint, list_checkpoints
-from shapegrpo_core.evaluation import evaluate_policy
+from shapegrpo_core.evaluation import evaluate_policy, show_progress
 from shapegrpo_core.policy import LoraSettings, completion_cap, format_dataset, load_policy
 from shapegrpo_core.tasks.base import Task
 from shapegrpo_core.trainer import ShapEGRPOConfig, ShapEGRPOTrainer
@@ -245,6 +245,7 @@ def train_policy(
     resume: bool = True,
     logging_steps: int = 1,
     verbose: bool = False,
+    progress: bool | None = None,
     lora: LoraSettings | Mapping[str, Any] | bool | None = None,
     train_dataset: datasets.Dataset | None = None,
     eval_dataset: datasets.Dataset | None = None,
@@ -273,6 +274,7 @@ def train_policy(
             would be mixed with the new run's).
         verbose: print each log entry to stdout (HF's PrinterCallback); off by default, since the logs go to
             the trainer state, ``report_to`` and the callbacks anyway.
+        progress: a progress bar over training steps (None: when stderr is a terminal).
         lora: LoRA (peft) instead of full fine-tuning: ``LoraSettings``, a mapping of its fields, or True for
             the defaults. The saved policy is then the adapter (with the tokenizer); ``load_policy`` loads it
             onto its base with the adapter merged.
@@ -325,7 +327,7 @@ def train_policy(
         "use_cpu": True,
         "bf16": False,
         "activation_checkpointing": False,  # TRL turns it on by default; tiny models only pay its recompute
-        "disable_tqdm": True,
+        "disable_tqdm": not show_progress(progress),  # None: a bar when stderr is a terminal
         "dataloader_num_workers": 0,
     }
     settings.update(config)
