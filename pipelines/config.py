@@ -142,11 +142,13 @@ class TrainConfig(dg.Config):
     eval_every: int | None = Field(
         default=20, ge=1, description="Held-out evaluation every N steps (learning curves); None = off."
     )
-    eval_num_prompts: int = Field(default=32, ge=1)
+    eval_num_prompts: int = Field(
+        default=64, ge=1, description="Held-out prompts of each in-training evaluation."
+    )
     eval_num_samples: int = Field(
         default=4,
         ge=1,
-        description="Samples per held-out prompt at each in-training evaluation: 32 prompts x 4 samples "
+        description="Samples per held-out prompt at each in-training evaluation: 64 prompts x 4 samples "
         "give each held-out point an interval, drawn as the curve band in the comparison plot.",
     )
     logging_steps: int = Field(default=1, ge=1)
