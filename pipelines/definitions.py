@@ -41,7 +41,6 @@ from pipelines.resources import (
 )
 from pipelines.sensors import all_sensors
 
-
 # One process per run by default: the steps share imports (torch, transformers, TRL) and run one after another
 # on the CPU anyway. A run config may pick Dagster's multiprocess executor instead (each step its own process,
 # up to max_concurrent at once: `execution: {config: {multiprocess: {max_concurrent: 2}}}`); values pass
