@@ -327,10 +327,16 @@ class LaunchConfigError(ValueError):
     """A launcher configuration that would not run the processes it asks for."""
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def _accelerate_config(path: str) -> dict[str, Any]:
+    """The accelerate config file (a relative path: from the working directory, else from the checkout)."""
     import yaml
 
     config_path = Path(path)
+    if not config_path.is_absolute() and not config_path.is_file():
+        config_path = REPO_ROOT / path
     if not config_path.is_file():
         raise LaunchConfigError(f"launcher.accelerate_config: {path} does not exist")
     loaded = yaml.safe_load(config_path.read_text()) or {}
@@ -428,7 +434,7 @@ class TrainingLauncherResource(dg.ConfigurableResource):
     def environment(self, *, num_threads: int) -> dict[str, str]:
         """Environment for the training processes on top of the step's: this checkout first on the import
         path (so they run the same code as the step), one OpenMP/torch thread count, offline hubs."""
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(REPO_ROOT)
         path = os.environ.get("PYTHONPATH")
         env = {"PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
         if num_threads > 0:
@@ -436,6 +442,43 @@ class TrainingLauncherResource(dg.ConfigurableResource):
         offline_environment()
         env |= {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
         return env
+
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def pipes_k8s_request(settings_path: str | Path, pod_file: str | Path) -> dict[str, Any]:
+    """Keyword arguments of ``dagster_k8s.PipesK8sClient().run(context=..., **these)`` that train on
+    Kubernetes as ``pod_file`` (e.g. ``deploy/k8s/training-pod.yaml``) describes: its launcher section's argv
+    (a GPU pod: accelerate runs there) on ``settings_path``, image, namespace, environment and pod
+    metadata/spec. Refuses a pod whose first container's ``nvidia.com/gpu`` limit is not the launcher's
+    number of processes (fewer GPUs than processes would fail or share devices; more would sit idle)."""
+    import yaml
+
+    spec = yaml.safe_load(Path(pod_file).read_text())
+    for key in ("image", "launcher", "base_pod_spec"):
+        if key not in spec:
+            raise LaunchConfigError(f"{pod_file}: missing {key!r}")
+    launcher = TrainingLauncherResource(**spec["launcher"])
+    if not launcher.launches:
+        raise LaunchConfigError(f"{pod_file}: launcher.mode 'in_process' cannot run in a pod")
+    command = launcher.command(settings_path, use_cpu=False)
+    containers = spec["base_pod_spec"].get("containers") or [{}]
+    limits = (containers[0].get("resources") or {}).get("limits") or {}
+    gpus = int(limits.get(GPU_RESOURCE, 0))
+    if gpus != launcher.num_processes():
+        raise LaunchConfigError(
+            f"{pod_file}: base_pod_spec.containers[0].resources.limits.{GPU_RESOURCE} is {gpus} but "
+            f"launcher.nproc_per_node asks for {launcher.num_processes()} processes (one per GPU)"
+        )
+    return {
+        "image": spec["image"],
+        "command": command,
+        "namespace": spec.get("namespace"),
+        "env": {str(k): str(v) for k, v in (spec.get("env") or {}).items()},
+        "base_pod_meta": spec.get("base_pod_meta"),
+        "base_pod_spec": spec["base_pod_spec"],
+    }
 
 
 class StorageResource(dg.ConfigurableResource):
