@@ -186,9 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = read_settings(args.settings)
     rank, _ = world()
-    from dagster_pipes import is_dagster_pipes_process, open_dagster_pipes
+    from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
 
-    if rank != 0 or not is_dagster_pipes_process():
+    if rank != 0 or DAGSTER_PIPES_CONTEXT_ENV_VAR not in os.environ:
         # Other ranks (and runs by hand) train without Pipes: only rank 0 talks to Dagster.
         result = run(settings)
         if rank == 0:

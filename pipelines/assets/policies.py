@@ -18,7 +18,6 @@ from pipelines.resources import (
 )
 from pipelines.taskio import load_split, load_task
 from pipelines.tracking import MLflowMetricsCallback, log_file, log_metrics, log_policy_model, stage_run
-from pipelines.train_entry import RESULT_EVENT, STEP_EVENT
 from shapegrpo_core import policy
 from shapegrpo_core.models import resolve_model
 
@@ -179,6 +178,9 @@ def _launch(
     kwargs: dict[str, Any],
 ) -> dict[str, Any]:
     """Train ``method`` in the launcher's processes through Dagster Pipes; the result rank 0 reported."""
+    # Not imported with the package: `python -m pipelines.train_entry` must find it unimported.
+    from pipelines.train_entry import RESULT_EVENT, STEP_EVENT
+
     settings = launch_settings(
         method=method,
         task_dataset=task_dataset,
