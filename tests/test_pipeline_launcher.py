@@ -207,14 +207,14 @@ def test_launcher_refuses_accelerate_with_several_processes_on_cpu(tmp_path) -> 
     )
     with pytest.raises(LaunchConfigError, match="the config file sets use_cpu: true"):
         file_says_cpu.command("s.json", use_cpu=False)
-    with pytest.raises(LaunchConfigError, match="launcher.mode='torchrun'"):
+    with pytest.raises(LaunchConfigError, match=r"use launcher\.mode='torchrun'"):
         file_says_cpu.validate()
     # one accelerate process on CPU is what it is; several on GPUs are fine
     TrainingLauncherResource(mode="accelerate", accelerate_config=str(cpu_config)).validate(use_cpu=True)
     on_cpu.validate(use_cpu=False)
     with pytest.raises(LaunchConfigError, match=r"launcher.nproc_per_node=2 with launcher.mode='subprocess'"):
         TrainingLauncherResource(mode="subprocess", nproc_per_node=2).validate()
-    with pytest.raises(LaunchConfigError, match="needs launcher.accelerate_config"):
+    with pytest.raises(LaunchConfigError, match=r"needs launcher\.accelerate_config"):
         TrainingLauncherResource(mode="accelerate", nproc_per_node=2).validate()
 
     # In a run, the refusal comes at its start, before any step acts (every step opens MLflow first).
@@ -366,7 +366,7 @@ def test_launch_specs_from_the_deploy_configs(tmp_path, monkeypatch) -> None:
     zero2 = ClusterConfig.from_yaml_file(str(DEPLOY / "accelerate" / "deepspeed_zero2.yaml"))
     assert zero2.deepspeed_config["zero_stage"] == 2
 
-    # vLLM fragments: every option is a train_policy/ShapEGRPOConfig field, the launcher config is valid on GPUs
+    # vLLM fragments: every option a train_policy/ShapEGRPOConfig field, the launcher valid on GPUs
     from pipelines.validation import settings_problems
 
     base = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
@@ -407,8 +407,9 @@ def test_launch_specs_from_the_deploy_configs(tmp_path, monkeypatch) -> None:
 
     request = pipes_k8s_request(settings, DEPLOY / "k8s" / "training-pod.yaml")
     assert request["command"] == [
-        "python", "-m", "accelerate.commands.launch", "--config_file", "deploy/accelerate/deepspeed_zero2.yaml",
-        "--num_processes", "8", "-m", TRAIN_ENTRY_MODULE, settings,
+        "python", "-m", "accelerate.commands.launch",
+        "--config_file", "deploy/accelerate/deepspeed_zero2.yaml", "--num_processes", "8",
+        "-m", TRAIN_ENTRY_MODULE, settings,
     ]  # fmt: skip
     pod = build_pod_body(
         pod_name="dagster-train-shapegrpo",
@@ -431,9 +432,7 @@ def test_launch_specs_from_the_deploy_configs(tmp_path, monkeypatch) -> None:
     spec["base_pod_spec"]["containers"][0]["resources"]["limits"][GPU_RESOURCE] = "4"
     bad = tmp_path / "pod.yaml"
     bad.write_text(yaml.safe_dump(spec))
-    with pytest.raises(
-        LaunchConfigError, match="limits.nvidia.com/gpu is 4 but launcher.nproc_per_node asks for 8"
-    ):
+    with pytest.raises(LaunchConfigError, match=r"gpu is 4 but launcher\.nproc_per_node asks for 8"):
         pipes_k8s_request(settings, bad)
 
 
@@ -444,7 +443,9 @@ def test_default_launcher_is_in_process() -> None:
     assert launcher.mode == "in_process" and not launcher.launches
     with pytest.raises(LaunchConfigError, match="no command"):
         launcher.command("s.json")
-    with pytest.raises(InvalidSettingsError, match="resources.launcher.config"):
+    with pytest.raises(
+        InvalidSettingsError, match=r"resources\.launcher\.config: launcher\.nproc_per_node=3"
+    ):
         from pipelines.validation import require_valid_settings
 
         require_valid_settings(
