@@ -1,11 +1,11 @@
-"""Wall time of the smoke comparison (configs/smoke.yaml: the whole compare_methods job, four methods) run four
-ways, measured in one run, each a fresh ``dagster job execute`` in its own temporary workspace (Dagster
+"""Wall time of the smoke comparison (configs/smoke.yaml: the whole compare_methods job, four methods) run
+four ways, measured in one run, each a fresh ``dagster job execute`` in its own temporary workspace (Dagster
 home, data directory, MLflow SQLite store):
 
     in-process executor         every step in the run's process (the default)
     multiprocess executor       each step in its own process, at most 2 at once (forkserver start method)
-    Pipes, 1 process            in-process executor; each method's training a `python -m pipelines.train_entry`
-                                subprocess through Dagster Pipes (launcher mode subprocess)
+    Pipes, 1 process            in-process executor; each method trains in a subprocess
+                                (`python -m pipelines.train_entry`, Dagster Pipes; launcher mode subprocess)
     Pipes, torchrun x 2         as above with 2 torch.distributed.run processes (gloo) per method
 
     python benchmarks/scaling.py [--out benchmarks/results/scaling.txt] [--repeats 1]
@@ -99,7 +99,8 @@ def measure(name: str, extra: dict[str, Any], root: Path) -> tuple[float, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scaling.txt")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant (the best is reported)")
     args = parser.parse_args()
