@@ -320,7 +320,7 @@ class ComputeResource(dg.ConfigurableResource):
 
 # The training entry point the launcher starts (pipelines/train_entry.py; console script shapegrpo-train).
 TRAIN_ENTRY_MODULE = "pipelines.train_entry"
-LaunchMode = Literal["in_process", "subprocess", "torchrun", "accelerate"]
+LaunchMode = Literal["in_process", "subprocess", "torchrun", "accelerate", "k8s"]
 
 
 class LaunchConfigError(ValueError):
@@ -330,13 +330,17 @@ class LaunchConfigError(ValueError):
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _repo_path(path: str | Path) -> Path:
+    """``path``; a relative one that is not there from the working directory is taken from the checkout."""
+    found = Path(path)
+    return found if found.is_absolute() or found.exists() else REPO_ROOT / found
+
+
 def _accelerate_config(path: str) -> dict[str, Any]:
     """The accelerate config file (a relative path: from the working directory, else from the checkout)."""
     import yaml
 
-    config_path = Path(path)
-    if not config_path.is_absolute() and not config_path.is_file():
-        config_path = REPO_ROOT / path
+    config_path = _repo_path(path)
     if not config_path.is_file():
         raise LaunchConfigError(f"launcher.accelerate_config: {path} does not exist")
     loaded = yaml.safe_load(config_path.read_text()) or {}
@@ -356,13 +360,16 @@ class TrainingLauncherResource(dg.ConfigurableResource):
     * ``accelerate``: ``accelerate launch --config_file accelerate_config --num_processes nproc_per_node``
       (DeepSpeed/FSDP/multi-GPU configs in ``deploy/accelerate/``). GPU only for more than one process:
       on CPU ``accelerate launch --cpu --num_processes 2`` starts one process, so that is refused.
+    * ``k8s``: a GPU pod per method through ``dagster_k8s.PipesK8sClient``, described by ``k8s_pod_file``
+      (``deploy/k8s/training-pod.yaml``: image, pod spec and the launcher that runs inside it), built by
+      :func:`pipes_k8s_request`. Configured, not run by this project's tests (no cluster).
 
     :meth:`command` is a pure function of the configuration (and the device) giving the exact argv; the
     entry point checks ``WORLD_SIZE`` against the number of processes asked for and fails if they differ.
     """
 
     mode: LaunchMode = Field(
-        default="in_process", description="in_process | subprocess | torchrun | accelerate."
+        default="in_process", description="in_process | subprocess | torchrun | accelerate | k8s."
     )
     nproc_per_node: int = Field(default=1, ge=1, description="Training processes (torchrun, accelerate).")
     accelerate_config: str | None = Field(
@@ -372,6 +379,10 @@ class TrainingLauncherResource(dg.ConfigurableResource):
     python: str | None = Field(
         default=None,
         description="Interpreter for the training processes; None = the step's own (sys.executable).",
+    )
+    k8s_pod_file: str | None = Field(
+        default=None,
+        description="mode k8s: the training pod description, e.g. deploy/k8s/training-pod.yaml.",
     )
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -384,6 +395,19 @@ class TrainingLauncherResource(dg.ConfigurableResource):
 
     def validate(self, *, use_cpu: bool | None = None) -> None:
         """Refuse configurations that would silently run another number of processes than asked for."""
+        if (self.mode == "k8s") != (self.k8s_pod_file is not None):
+            raise LaunchConfigError(
+                "launcher.k8s_pod_file is needed by, and only read by, launcher.mode='k8s' "
+                f"(mode {self.mode!r}, k8s_pod_file {self.k8s_pod_file!r})"
+            )
+        if self.mode == "k8s":
+            if self.nproc_per_node != 1 or self.accelerate_config is not None:
+                raise LaunchConfigError(
+                    "launcher.mode='k8s' takes the processes from the launcher section of "
+                    f"launcher.k8s_pod_file ({self.k8s_pod_file}); leave nproc_per_node and "
+                    "accelerate_config unset"
+                )
+            return
         if self.mode in ("in_process", "subprocess") and self.nproc_per_node != 1:
             raise LaunchConfigError(
                 f"launcher.nproc_per_node={self.nproc_per_node} with launcher.mode={self.mode!r}: that mode "
@@ -411,6 +435,12 @@ class TrainingLauncherResource(dg.ConfigurableResource):
             )
 
     def num_processes(self) -> int:
+        if self.mode == "k8s":
+            import yaml
+
+            assert self.k8s_pod_file is not None
+            spec = yaml.safe_load(_repo_path(self.k8s_pod_file).read_text())
+            return TrainingLauncherResource(**spec["launcher"]).num_processes()
         return self.nproc_per_node if self.mode in ("torchrun", "accelerate") else 1
 
     def command(self, settings_path: str | Path, *, use_cpu: bool | None = None) -> list[str]:
@@ -427,6 +457,10 @@ class TrainingLauncherResource(dg.ConfigurableResource):
             assert self.accelerate_config is not None  # validate() checked it
             return [python, "-m", "accelerate.commands.launch", "--config_file", self.accelerate_config,
                     "--num_processes", str(self.nproc_per_node), *entry]  # fmt: skip
+        if self.mode == "k8s":
+            raise LaunchConfigError(
+                "launcher.mode='k8s' runs the pod file's launcher in a pod: see pipes_k8s_request"
+            )
         raise LaunchConfigError(
             "launcher.mode='in_process' trains in the step's process; there is no command"
         )
@@ -455,13 +489,13 @@ def pipes_k8s_request(settings_path: str | Path, pod_file: str | Path) -> dict[s
     number of processes (fewer GPUs than processes would fail or share devices; more would sit idle)."""
     import yaml
 
-    spec = yaml.safe_load(Path(pod_file).read_text())
+    spec = yaml.safe_load(_repo_path(pod_file).read_text())
     for key in ("image", "launcher", "base_pod_spec"):
         if key not in spec:
             raise LaunchConfigError(f"{pod_file}: missing {key!r}")
     launcher = TrainingLauncherResource(**spec["launcher"])
-    if not launcher.launches:
-        raise LaunchConfigError(f"{pod_file}: launcher.mode 'in_process' cannot run in a pod")
+    if launcher.mode in ("in_process", "k8s"):
+        raise LaunchConfigError(f"{pod_file}: launcher.mode {launcher.mode!r} cannot run inside a pod")
     command = launcher.command(settings_path, use_cpu=False)
     containers = spec["base_pod_spec"].get("containers") or [{}]
     limits = (containers[0].get("resources") or {}).get("limits") or {}

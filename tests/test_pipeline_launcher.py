@@ -436,6 +436,15 @@ def test_launch_specs_from_the_deploy_configs(tmp_path, monkeypatch) -> None:
     assert {e.name: e.value for e in container.env}["SHAPEGRPO_DATA_DIR"] == "/data"
     assert {m.mount_path for m in container.volume_mounts} == {"/data", "/dev/shm"}
 
+    # the launcher's k8s mode reads that file: 8 processes, the pod's command, no local argv
+    k8s = TrainingLauncherResource(mode="k8s", k8s_pod_file="deploy/k8s/training-pod.yaml")
+    k8s.validate()
+    assert k8s.num_processes() == 8
+    with pytest.raises(LaunchConfigError, match="pipes_k8s_request"):
+        k8s.command(settings)
+    with pytest.raises(LaunchConfigError, match="k8s_pod_file is needed by"):
+        TrainingLauncherResource(mode="k8s").validate()
+
     # a pod with fewer GPUs than processes is refused
     spec = yaml.safe_load((DEPLOY / "k8s" / "training-pod.yaml").read_text())
     spec["base_pod_spec"]["containers"][0]["resources"]["limits"][GPU_RESOURCE] = "4"

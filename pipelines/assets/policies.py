@@ -15,6 +15,7 @@ from pipelines.resources import (
     MLflowResource,
     StorageResource,
     TrainingLauncherResource,
+    pipes_k8s_request,
 )
 from pipelines.taskio import load_split, load_task
 from pipelines.tracking import MLflowMetricsCallback, log_file, log_metrics, log_policy_model, stage_run
@@ -194,11 +195,19 @@ def _launch(
     )
     settings_path = out_dir / LAUNCH_SETTINGS
     settings_path.write_text(json.dumps(settings, indent=1, default=str))
-    command = launcher.command(settings_path, use_cpu=compute.use_cpu)
-    context.log.info(f"{method}: {shlex.join(command)}")
-    invocation = dg.PipesSubprocessClient().run(
-        command=command, context=context, env=launcher.environment(num_threads=compute.num_threads)
-    )
+    if launcher.mode == "k8s":  # configured, not run here: no cluster (deploy/k8s/training-pod.yaml)
+        from dagster_k8s import PipesK8sClient
+
+        assert launcher.k8s_pod_file is not None
+        request = pipes_k8s_request(settings_path, launcher.k8s_pod_file)
+        context.log.info(f"{method}: pod running {shlex.join(request['command'])}")
+        invocation = PipesK8sClient().run(context=context, **request)
+    else:
+        command = launcher.command(settings_path, use_cpu=compute.use_cpu)
+        context.log.info(f"{method}: {shlex.join(command)}")
+        invocation = dg.PipesSubprocessClient().run(
+            command=command, context=context, env=launcher.environment(num_threads=compute.num_threads)
+        )
     messages = [m for m in invocation.get_custom_messages() if isinstance(m, dict)]
     results = [m for m in messages if m.get("event") == RESULT_EVENT]
     if len(results) != 1:
