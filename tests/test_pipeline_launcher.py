@@ -20,6 +20,7 @@ import yaml
 from pipeline_fixtures import definitions, mlflow_resource, smoke_run_config, subprocess_env, workspace
 from trainer_fixtures import tiny_warm_start
 
+from pipelines.assets.policies import LAUNCH_SETTINGS
 from pipelines.config import METHODS
 from pipelines.resources import (
     GPU_RESOURCE,
@@ -185,6 +186,27 @@ def test_fine_tuned_policy_through_pipes_on_one_and_two_processes(tmp_path) -> N
             assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-5, abs=1e-7), key
         else:  # sampled completions, rewards and credit: identical
             assert a == b, key
+
+    # Relaunched (by hand, one more step, no MLflow) on the same directory, the entry point resumes from
+    # the last complete checkpoint instead of starting over.
+    first = runs["subprocess"][0].output_for_node("fine_tuned_policy")["shapegrpo"]
+    settings = json.loads((Path(first["path"]) / LAUNCH_SETTINGS).read_text())
+    settings["train_kwargs"]["max_steps"] = MAX_STEPS + 1
+    settings["mlflow"] = None
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps(settings))
+    done = subprocess.run(
+        [sys.executable, "-m", TRAIN_ENTRY_MODULE, str(again)],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert resumed["resumed_from"].endswith(f"checkpoint-{MAX_STEPS}")
+    assert resumed["global_step"] == MAX_STEPS + 1
 
 
 # ------------------------------------------------------------------------------------------------------------
