@@ -105,12 +105,13 @@ SMOKE_EXPERIMENT = "shapegrpo-smoke"  # configs/smoke.yaml's
 MAX_STEPS = 2
 
 
-def _pipes_run_config(tmp_path: Path, launcher: dict[str, Any]) -> dict[str, Any]:
-    """The smoke profile for the training assets only, one method, 2 steps, samples independent of the process
-    count, and a warm start long enough for format-valid candidates (a nonzero training signal)."""
+def _pipes_run_config(tmp_path: Path, launcher: dict[str, Any], assets: tuple[str, ...]) -> dict[str, Any]:
+    """The smoke profile for ``assets``, one method, 2 steps, samples independent of the process count, and a
+    warm start long enough for format-valid candidates (a nonzero training signal)."""
     config = smoke_run_config(tmp_path)
-    config["ops"] = {k: v for k, v in config["ops"].items() if k in TRAIN_ASSETS}
-    config["ops"]["base_policy"]["config"].update(num_demos=256, max_steps=60, learning_rate=1e-2)
+    config["ops"] = {k: v for k, v in config["ops"].items() if k in assets}
+    if "base_policy" in assets:
+        config["ops"]["base_policy"]["config"].update(num_demos=256, max_steps=60, learning_rate=1e-2)
     train = config["ops"]["fine_tuned_policy"]["config"]
     train.update(max_steps=MAX_STEPS, save_steps=MAX_STEPS, eval_every=MAX_STEPS)
     train["training_options"] = {"row_seeded_sampling": True}
@@ -118,23 +119,19 @@ def _pipes_run_config(tmp_path: Path, launcher: dict[str, Any]) -> dict[str, Any
     return config
 
 
-def _train_through_pipes(tmp_path: Path, launcher: dict[str, Any]) -> tuple[dg.ExecuteInProcessResult, Any]:
+def _train_through_pipes(
+    tmp_path: Path, instance: dg.DagsterInstance, launcher: dict[str, Any], assets: tuple[str, ...]
+) -> tuple[dg.ExecuteInProcessResult, list[str]]:
     job = definitions(tmp_path).resolve_job_def("compare_methods")
-    tags = {
-        "dagster/asset_partition_range_start": "shapegrpo",
-        "dagster/asset_partition_range_end": "shapegrpo",
-    }
-    with dg.instance_for_test() as instance:
-        result = job.execute_in_process(
-            run_config=_pipes_run_config(tmp_path, launcher),
-            instance=instance,
-            asset_selection=[dg.AssetKey(a) for a in TRAIN_ASSETS],
-            tags=tags,
-        )
-        assert result.success
-        logs = [
-            e.message or "" for e in instance.all_logs(result.run_id) if e.message and "step" in e.message
-        ]
+    tags = {f"dagster/asset_partition_range_{end}": "shapegrpo" for end in ("start", "end")}  # one method
+    result = job.execute_in_process(
+        run_config=_pipes_run_config(tmp_path, launcher, assets),
+        instance=instance,
+        asset_selection=[dg.AssetKey(a) for a in assets],
+        tags=tags,
+    )
+    assert result.success
+    logs = [e.message for e in instance.all_logs(result.run_id) if e.message and "step" in e.message]
     return result, logs
 
 
@@ -156,19 +153,24 @@ FORWARD_PASS = ("loss", "grad_norm", "entropy", "train_loss")
 
 def test_fine_tuned_policy_through_pipes_on_one_and_two_processes(tmp_path) -> None:
     runs = {}
-    for name, launcher in (
-        ("subprocess", {"mode": "subprocess"}),
-        ("torchrun", {"mode": "torchrun", "nproc_per_node": 2}),
-    ):
-        result, logs = _train_through_pipes(tmp_path / name, launcher)
-        record = result.asset_materializations_for_node("fine_tuned_policy")[0].metadata
-        runs[name] = (result, _history(tmp_path / name, result.run_id), record)
-        # progress came back over Pipes: a log line per logged step, then the final checkpoint
-        assert any(f"shapegrpo: step {MAX_STEPS}/{MAX_STEPS} loss=" in m for m in logs), logs[-5:]
-        assert record["shapegrpo/pipes_steps_reported"].value >= MAX_STEPS
-        output = result.output_for_node("fine_tuned_policy")["shapegrpo"]
-        assert output["global_step"] == MAX_STEPS and (Path(output["path"]) / "model.safetensors").is_file()
-        assert output["model_version"] is not None  # registered by the step after training
+    with dg.instance_for_test() as instance:
+        # the second run trains from the first one's dataset and base policy (the IO manager reads the latest
+        # materialization of an asset its run did not produce, as the retrain job does)
+        for name, launcher, assets in (
+            ("subprocess", {"mode": "subprocess"}, TRAIN_ASSETS),
+            ("torchrun", {"mode": "torchrun", "nproc_per_node": 2}, ("fine_tuned_policy",)),
+        ):
+            result, logs = _train_through_pipes(tmp_path, instance, launcher, assets)
+            record = result.asset_materializations_for_node("fine_tuned_policy")[0].metadata
+            runs[name] = (result, _history(tmp_path, result.run_id), record)
+            # progress came back over Pipes: a log line per logged step, then the final checkpoint
+            assert any(f"shapegrpo: step {MAX_STEPS}/{MAX_STEPS} loss=" in m for m in logs), logs[-5:]
+            assert record["shapegrpo/pipes_steps_reported"].value >= MAX_STEPS
+            output = result.output_for_node("fine_tuned_policy")["shapegrpo"]
+            assert (
+                output["global_step"] == MAX_STEPS and (Path(output["path"]) / "model.safetensors").is_file()
+            )
+            assert output["model_version"] is not None  # registered by the step after training
 
     (_, single, rec1), (_, double, rec2) = runs["subprocess"], runs["torchrun"]
     assert rec1["shapegrpo/world_size"].value == 1 and rec2["shapegrpo/world_size"].value == 2
