@@ -1,5 +1,6 @@
 """A training run on however many processes ``torch.distributed.run`` starts (or one, run plainly), recording
-what each process samples and the advantages it trains on: ``python tests/distributed_worker.py POLICY OUT``.
+what each process samples and the advantages it trains on:
+``python tests/distributed_worker.py POLICY OUT [row_seeded|batched]``.
 
 Each process trains the tiny recsys task for two steps on an equal share of a global batch of 2 prompts x 4
 generations (``row_seeded_sampling``, so a completion does not depend on which process samples it) and writes
@@ -45,7 +46,7 @@ class RecordingTrainer(ShapEGRPOTrainer):
         return output
 
 
-def main(policy_dir: str, out_dir: str) -> None:
+def main(policy_dir: str, out_dir: str, sampling: str = "row_seeded") -> None:
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -55,7 +56,7 @@ def main(policy_dir: str, out_dir: str) -> None:
     config = tiny_config(
         out / "trainer",
         per_device_train_batch_size=GLOBAL_ROWS // world,
-        row_seeded_sampling=True,
+        row_seeded_sampling=sampling == "row_seeded",  # "batched": TRL's own sampling, seeded per process
         allocation="shapley",
     )
     trainer = RecordingTrainer(model=model, task=task, args=config, processing_class=tokenizer)
@@ -67,4 +68,4 @@ def main(policy_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -48,16 +48,11 @@ def _env(**settings: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _worker_run(policy: Path, out: Path, nproc: int) -> list[dict[str, Any]]:
+def _worker_run(policy: Path, out: Path, nproc: int, sampling: str = "row_seeded") -> list[dict[str, Any]]:
+    """tests/distributed_worker.py on ``nproc`` torchrun processes; each rank's record."""
     out.mkdir(parents=True)
-    cmd = [
-        *TORCHRUN,
-        "--nproc_per_node",
-        str(nproc),
-        str(TESTS / "distributed_worker.py"),
-        str(policy),
-        str(out),
-    ]
+    worker = [str(TESTS / "distributed_worker.py"), str(policy), str(out), sampling]
+    cmd = [*TORCHRUN, "--nproc_per_node", str(nproc), *worker]
     done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
@@ -92,6 +87,16 @@ def test_one_and_two_cpu_processes_train_alike(tmp_path) -> None:
         # forward-pass numbers are sums over ranks in another order: equal to float32 rounding
         for key in FORWARD_PASS[:3]:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_without_row_seeded_sampling_two_processes_sample_otherwise(tmp_path) -> None:
+    """The control: TRL's own sampling is seeded per process, so the split changes what is sampled."""
+    policy = tiny_warm_start()
+    (one,) = _worker_run(policy, tmp_path / "one", 1, "batched")
+    two = _worker_run(policy, tmp_path / "two", 2, "batched")
+    first = [r["generations"][0]["completions"] for r in two]
+    assert one["generations"][0]["completions"] != first[0] + first[1]
 
 
 # ------------------------------------------------------------------------------------------------------------
