@@ -498,3 +498,13 @@ def test_default_launcher_is_in_process() -> None:
         require_valid_settings(
             {"resources": {"launcher": {"config": {"mode": "subprocess", "nproc_per_node": 3}}}}
         )
+
+
+def test_settings_carry_every_train_config_field() -> None:
+    from pipelines.assets.policies import train_kwargs
+    from pipelines.config import TrainConfig
+
+    kwargs = train_kwargs(TrainConfig(training_options={"shapley_engine": "exact"}), {"use_cpu": True})
+    # register_model is the step's own (it registers after training); training_options are merged in
+    expected = set(TrainConfig.model_fields) - {"register_model", "training_options"}
+    assert set(kwargs) == expected | {"use_cpu"}
