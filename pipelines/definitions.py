@@ -11,6 +11,11 @@ default to the repository layout: ``data/`` for files, ``mlruns/`` for the MLflo
     SHAPEGRPO_DEVICE           default cpu   (cpu | cuda | auto)
     SHAPEGRPO_NUM_THREADS      default 1     (torch threads; 0 = torch's default, one per core)
     SHAPEGRPO_GENERATION       default hf    (hf | vllm)
+
+Training runs in the step's process unless the ``launcher`` resource says otherwise (``resources: launcher:
+config: {mode: torchrun, nproc_per_node: 2}``: Dagster Pipes, ``pipelines/train_entry.py``). Steps run one
+after another in the run's process unless the run config picks the multiprocess executor
+(``execution: {config: {multiprocess: {max_concurrent: 2}}}``).
 """
 
 from __future__ import annotations
@@ -31,9 +36,22 @@ from pipelines.resources import (
     ManifestIOManager,
     MLflowResource,
     StorageResource,
+    TrainingLauncherResource,
     offline_environment,
 )
 from pipelines.sensors import all_sensors
+
+# One process per run by default: the steps share imports (torch, transformers, TRL) and run one after another
+# on the CPU anyway. A run config may pick Dagster's multiprocess executor instead (each step its own process,
+# up to max_concurrent at once: `execution: {config: {multiprocess: {max_concurrent: 2}}}`); values pass
+# between steps only through the IO manager's files, so both give the same results.
+EXECUTOR = dg.multi_or_in_process_executor.configured(
+    lambda config: config,
+    config_schema=dg.Field(
+        dg.multi_or_in_process_executor.config_schema.config_type, default_value={"in_process": {}}
+    ),
+    name="in_process_or_multiprocess",
+)
 
 
 def build_resources(
@@ -64,6 +82,9 @@ def build_resources(
         # Thresholds of the blocking data checks; a run config's resources.data_quality overrides them.
         "data_quality": DataQualityResource(),
         "io_manager": ManifestIOManager(base_dir=str(Path(data) / "assets")),
+        # How fine_tuned_policy trains: in its own process (default) or through Dagster Pipes in 1..N
+        # launched processes (a run config's resources.launcher overrides it).
+        "launcher": TrainingLauncherResource(),
     }
 
 
@@ -77,10 +98,7 @@ def build_definitions(**locations: Any) -> dg.Definitions:
         schedules=all_schedules,
         sensors=all_sensors,
         resources=resources,
-        # One process per run: the steps share imports (torch, transformers, TRL) and run one after another on
-        # the CPU anyway. Switch to the multiprocess executor (or a k8s/celery executor) when steps have their
-        # own machines.
-        executor=dg.in_process_executor,
+        executor=EXECUTOR,
     )
 
 

@@ -6,6 +6,9 @@
   ``vllm`` (where installed).
 * :class:`ComputeResource` — device and CPU threads.
 * :class:`StorageResource` — where datasets, checkpoints and tables are written (``data/``).
+* :class:`TrainingLauncherResource` — how ``fine_tuned_policy`` runs training: in the step's process (the
+  default), or through Dagster Pipes as a subprocess, N ``torch.distributed.run`` processes or
+  ``accelerate launch`` (``pipelines/train_entry.py``).
 * :class:`ManifestIOManager` — passes asset values between steps: DataFrames as parquet, everything else as
   JSON manifests (paths, MLflow ids, numbers). Partitioned values are dicts ``{partition: value}``, so a
   single-run backfill over the method partitions stores each method on its own.
@@ -19,10 +22,11 @@ import importlib.util
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import dagster as dg
 import pandas as pd
@@ -312,6 +316,203 @@ class ComputeResource(dg.ConfigurableResource):
     @property
     def use_cpu(self) -> bool:
         return self.resolved_device() == "cpu"
+
+
+# The training entry point the launcher starts (pipelines/train_entry.py; console script shapegrpo-train).
+TRAIN_ENTRY_MODULE = "pipelines.train_entry"
+LaunchMode = Literal["in_process", "subprocess", "torchrun", "accelerate", "k8s"]
+
+
+class LaunchConfigError(ValueError):
+    """A launcher configuration that would not run the processes it asks for."""
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _repo_path(path: str | Path) -> Path:
+    """``path``; a relative one that is not there from the working directory is taken from the checkout."""
+    found = Path(path)
+    return found if found.is_absolute() or found.exists() else REPO_ROOT / found
+
+
+def _accelerate_config(path: str) -> dict[str, Any]:
+    """The accelerate config file (a relative path: from the working directory, else from the checkout)."""
+    import yaml
+
+    config_path = _repo_path(path)
+    if not config_path.is_file():
+        raise LaunchConfigError(f"launcher.accelerate_config: {path} does not exist")
+    loaded = yaml.safe_load(config_path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise LaunchConfigError(f"launcher.accelerate_config: {path} is not a YAML mapping")
+    return loaded
+
+
+class TrainingLauncherResource(dg.ConfigurableResource):
+    """How ``fine_tuned_policy`` trains each method.
+
+    * ``in_process`` (default): ``train_policy`` in the step's own process, as before.
+    * ``subprocess``: one ``python -m pipelines.train_entry SETTINGS`` process through
+      ``dg.PipesSubprocessClient`` (progress, metrics and the result come back over Pipes).
+    * ``torchrun``: ``nproc_per_node`` processes through ``python -m torch.distributed.run --standalone``
+      (gloo on CPU, NCCL on GPUs; the global batch is split over them).
+    * ``accelerate``: ``accelerate launch --config_file accelerate_config --num_processes nproc_per_node``
+      (DeepSpeed/FSDP/multi-GPU configs in ``deploy/accelerate/``). GPU only for more than one process:
+      on CPU ``accelerate launch --cpu --num_processes 2`` starts one process, so that is refused.
+    * ``k8s``: a GPU pod per method through ``dagster_k8s.PipesK8sClient``, described by ``k8s_pod_file``
+      (``deploy/k8s/training-pod.yaml``: image, pod spec and the launcher that runs inside it), built by
+      :func:`pipes_k8s_request`. Configured, not run by this project's tests (no cluster).
+
+    :meth:`command` is a pure function of the configuration (and the device) giving the exact argv; the
+    entry point checks ``WORLD_SIZE`` against the number of processes asked for and fails if they differ.
+    """
+
+    mode: LaunchMode = Field(
+        default="in_process", description="in_process | subprocess | torchrun | accelerate | k8s."
+    )
+    nproc_per_node: int = Field(default=1, ge=1, description="Training processes (torchrun, accelerate).")
+    accelerate_config: str | None = Field(
+        default=None,
+        description="accelerate config file (mode accelerate), e.g. deploy/accelerate/multi_gpu.yaml.",
+    )
+    python: str | None = Field(
+        default=None,
+        description="Interpreter for the training processes; None = the step's own (sys.executable).",
+    )
+    k8s_pod_file: str | None = Field(
+        default=None,
+        description="mode k8s: the training pod description, e.g. deploy/k8s/training-pod.yaml.",
+    )
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.validate()
+
+    @property
+    def launches(self) -> bool:
+        """Whether training leaves the step's process (any mode but in_process)."""
+        return self.mode != "in_process"
+
+    def validate(self, *, use_cpu: bool | None = None) -> None:
+        """Refuse configurations that would silently run another number of processes than asked for."""
+        if (self.mode == "k8s") != (self.k8s_pod_file is not None):
+            raise LaunchConfigError(
+                "launcher.k8s_pod_file is needed by, and only read by, launcher.mode='k8s' "
+                f"(mode {self.mode!r}, k8s_pod_file {self.k8s_pod_file!r})"
+            )
+        if self.mode == "k8s":
+            if self.nproc_per_node != 1 or self.accelerate_config is not None:
+                raise LaunchConfigError(
+                    "launcher.mode='k8s' takes the processes from the launcher section of "
+                    f"launcher.k8s_pod_file ({self.k8s_pod_file}); leave nproc_per_node and "
+                    "accelerate_config unset"
+                )
+            return
+        if self.mode in ("in_process", "subprocess") and self.nproc_per_node != 1:
+            raise LaunchConfigError(
+                f"launcher.nproc_per_node={self.nproc_per_node} with launcher.mode={self.mode!r}: that mode "
+                "runs one process; use mode 'torchrun' (or 'accelerate' on GPUs) for more"
+            )
+        if self.mode != "accelerate":
+            if self.accelerate_config is not None:
+                raise LaunchConfigError(
+                    f"launcher.accelerate_config is set but launcher.mode is {self.mode!r}; it is read only "
+                    "by mode 'accelerate'"
+                )
+            return
+        if self.accelerate_config is None:
+            raise LaunchConfigError(
+                "launcher.mode='accelerate' needs launcher.accelerate_config (a config file)"
+            )
+        config = _accelerate_config(self.accelerate_config)
+        on_cpu = bool(config.get("use_cpu")) or (use_cpu is True)
+        if self.nproc_per_node > 1 and on_cpu:
+            where = "the config file sets use_cpu: true" if config.get("use_cpu") else "compute.device is cpu"
+            raise LaunchConfigError(
+                f"launcher.mode='accelerate' with launcher.nproc_per_node={self.nproc_per_node} on CPU "
+                f"({where}): `accelerate launch --cpu --num_processes N` starts one process, not N; use "
+                "launcher.mode='torchrun' for several CPU processes"
+            )
+
+    def num_processes(self) -> int:
+        if self.mode == "k8s":
+            import yaml
+
+            assert self.k8s_pod_file is not None
+            spec = yaml.safe_load(_repo_path(self.k8s_pod_file).read_text())
+            return TrainingLauncherResource(**spec["launcher"]).num_processes()
+        return self.nproc_per_node if self.mode in ("torchrun", "accelerate") else 1
+
+    def command(self, settings_path: str | Path, *, use_cpu: bool | None = None) -> list[str]:
+        """The argv that starts training for ``settings_path`` (validated first)."""
+        self.validate(use_cpu=use_cpu)
+        python = self.python or sys.executable
+        entry = ["-m", TRAIN_ENTRY_MODULE, str(settings_path)]
+        if self.mode == "subprocess":
+            return [python, *entry]
+        if self.mode == "torchrun":
+            return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                    str(self.nproc_per_node), *entry]  # fmt: skip
+        if self.mode == "accelerate":
+            assert self.accelerate_config is not None  # validate() checked it
+            return [python, "-m", "accelerate.commands.launch", "--config_file", self.accelerate_config,
+                    "--num_processes", str(self.nproc_per_node), *entry]  # fmt: skip
+        if self.mode == "k8s":
+            raise LaunchConfigError(
+                "launcher.mode='k8s' runs the pod file's launcher in a pod: see pipes_k8s_request"
+            )
+        raise LaunchConfigError(
+            "launcher.mode='in_process' trains in the step's process; there is no command"
+        )
+
+    def environment(self, *, num_threads: int) -> dict[str, str]:
+        """Environment for the training processes on top of the step's: this checkout first on the import
+        path (so they run the same code as the step), one OpenMP/torch thread count, offline hubs."""
+        root = str(REPO_ROOT)
+        path = os.environ.get("PYTHONPATH")
+        env = {"PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
+        if num_threads > 0:
+            env["OMP_NUM_THREADS"] = str(num_threads)
+        offline_environment()
+        env |= {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+        return env
+
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def pipes_k8s_request(settings_path: str | Path, pod_file: str | Path) -> dict[str, Any]:
+    """Keyword arguments of ``dagster_k8s.PipesK8sClient().run(context=..., **these)`` that train on
+    Kubernetes as ``pod_file`` (e.g. ``deploy/k8s/training-pod.yaml``) describes: its launcher section's argv
+    (a GPU pod: accelerate runs there) on ``settings_path``, image, namespace, environment and pod
+    metadata/spec. Refuses a pod whose first container's ``nvidia.com/gpu`` limit is not the launcher's
+    number of processes (fewer GPUs than processes would fail or share devices; more would sit idle)."""
+    import yaml
+
+    spec = yaml.safe_load(_repo_path(pod_file).read_text())
+    for key in ("image", "launcher", "base_pod_spec"):
+        if key not in spec:
+            raise LaunchConfigError(f"{pod_file}: missing {key!r}")
+    launcher = TrainingLauncherResource(**spec["launcher"])
+    if launcher.mode in ("in_process", "k8s"):
+        raise LaunchConfigError(f"{pod_file}: launcher.mode {launcher.mode!r} cannot run inside a pod")
+    command = launcher.command(settings_path, use_cpu=False)
+    containers = spec["base_pod_spec"].get("containers") or [{}]
+    limits = (containers[0].get("resources") or {}).get("limits") or {}
+    gpus = int(limits.get(GPU_RESOURCE, 0))
+    if gpus != launcher.num_processes():
+        raise LaunchConfigError(
+            f"{pod_file}: base_pod_spec.containers[0].resources.limits.{GPU_RESOURCE} is {gpus} but "
+            f"launcher.nproc_per_node asks for {launcher.num_processes()} processes (one per GPU)"
+        )
+    return {
+        "image": spec["image"],
+        "command": command,
+        "namespace": spec.get("namespace"),
+        "env": {str(k): str(v) for k, v in (spec.get("env") or {}).items()},
+        "base_pod_meta": spec.get("base_pod_meta"),
+        "base_pod_spec": spec["base_pod_spec"],
+    }
 
 
 class StorageResource(dg.ConfigurableResource):

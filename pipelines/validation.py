@@ -131,8 +131,30 @@ def settings_problems(ops: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def launcher_problems(resources: Mapping[str, Any]) -> list[str]:
+    """Problems of ``resources.launcher`` (a launch that would run another number of processes than asked
+    for), judged with the run's device (``resources.compute.config.device``, else $SHAPEGRPO_DEVICE)."""
+    import os
+
+    from pipelines.resources import LaunchConfigError, TrainingLauncherResource
+
+    launcher_config = ((resources.get("launcher") or {}).get("config")) or {}
+    if not launcher_config:
+        return []
+    device = ((resources.get("compute") or {}).get("config") or {}).get("device")
+    device = device or os.environ.get("SHAPEGRPO_DEVICE", "cpu")
+    try:
+        TrainingLauncherResource(**launcher_config).validate(use_cpu=True if device == "cpu" else None)
+    except pydantic.ValidationError as err:
+        return [f"resources.launcher.config.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+    except LaunchConfigError as err:
+        return [f"resources.launcher.config: {err}"]
+    return []
+
+
 def require_valid_settings(run_config: Mapping[str, Any]) -> None:
     """Raise :class:`InvalidSettingsError` listing every bad setting of ``run_config`` (else nothing)."""
     problems = settings_problems(run_config.get("ops") or {})
+    problems += launcher_problems(run_config.get("resources") or {})
     if problems:
         raise InvalidSettingsError("invalid run settings:\n  " + "\n  ".join(problems))

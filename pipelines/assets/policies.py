@@ -1,6 +1,7 @@
 """Training domain: the base policy (warm start or a local checkpoint) and a fine-tuned policy per method."""
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +9,14 @@ import dagster as dg
 
 from pipelines.config import BasePolicyConfig, TrainConfig
 from pipelines.partitions import method_partitions
-from pipelines.resources import ComputeResource, GenerationResource, MLflowResource, StorageResource
+from pipelines.resources import (
+    ComputeResource,
+    GenerationResource,
+    MLflowResource,
+    StorageResource,
+    TrainingLauncherResource,
+    pipes_k8s_request,
+)
 from pipelines.taskio import load_split, load_task
 from pipelines.tracking import MLflowMetricsCallback, log_file, log_metrics, log_policy_model, stage_run
 from shapegrpo_core import policy
@@ -95,6 +103,122 @@ def _finished_method(mlflow: MLflowResource, out_dir: Path) -> dict[str, Any] | 
     return done if run.info.status == "FINISHED" else None
 
 
+# The settings file a launched training reads (pipelines/train_entry.py), in the method's run directory.
+LAUNCH_SETTINGS = "launch_settings.json"
+
+
+def train_kwargs(config: TrainConfig, options: dict[str, Any]) -> dict[str, Any]:
+    """``train_policy`` keyword arguments from the run's TrainConfig (every field but ``register_model``;
+    ``training_options`` and the compute options merged in ``options``), the same in and out of process."""
+    return {
+        "lam": config.lam,
+        "max_steps": config.max_steps,
+        "seed": config.seed,
+        "num_generations": config.num_generations,
+        "prompts_per_step": config.prompts_per_step,
+        "learning_rate": config.learning_rate,
+        "max_completion_length": config.max_completion_length,
+        "temperature": config.temperature,
+        "beta": config.beta,
+        "scale_rewards": config.scale_rewards,
+        "format_penalty": config.format_penalty,
+        "save_steps": config.save_steps,
+        "eval_every": config.eval_every,
+        "eval_num_prompts": config.eval_num_prompts,
+        "eval_num_samples": config.eval_num_samples,
+        "logging_steps": config.logging_steps,
+        **options,
+    }
+
+
+def launch_settings(
+    *,
+    method: str,
+    task_dataset: dict[str, Any],
+    base_policy_path: str,
+    out_dir: Path,
+    kwargs: dict[str, Any],
+    num_processes: int,
+    num_threads: int,
+    mlflow: MLflowResource | None,
+    run_id: str | None,
+) -> dict[str, Any]:
+    """What ``pipelines.train_entry`` reads: plain JSON, nothing passes between the step and the training
+    processes but this file, the files it names and the MLflow run."""
+    target = None
+    if mlflow is not None and run_id is not None:
+        target = {
+            "tracking_uri": mlflow.resolved_tracking_uri,
+            "artifact_root": mlflow.resolved_artifact_location,
+            "experiment_name": mlflow.experiment_name,
+            "run_id": run_id,
+        }
+    return {
+        "method": method,
+        "task_dataset": task_dataset,
+        "base_policy_path": str(base_policy_path),
+        "output_dir": str(out_dir),
+        "train_kwargs": kwargs,
+        "num_processes": num_processes,
+        "num_threads": num_threads,
+        "mlflow": target,
+    }
+
+
+def _launch(
+    context: dg.AssetExecutionContext,
+    launcher: TrainingLauncherResource,
+    *,
+    mlflow: MLflowResource,
+    compute: ComputeResource,
+    run_id: str,
+    method: str,
+    task_dataset: dict[str, Any],
+    base_policy_path: str,
+    out_dir: Path,
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """Train ``method`` in the launcher's processes through Dagster Pipes; the result rank 0 reported."""
+    # Not imported with the package: `python -m pipelines.train_entry` must find it unimported.
+    from pipelines.train_entry import RESULT_EVENT, STEP_EVENT
+
+    settings = launch_settings(
+        method=method,
+        task_dataset=task_dataset,
+        base_policy_path=base_policy_path,
+        out_dir=out_dir,
+        kwargs=kwargs,
+        num_processes=launcher.num_processes(),
+        num_threads=compute.num_threads,
+        mlflow=mlflow,
+        run_id=run_id,
+    )
+    settings_path = out_dir / LAUNCH_SETTINGS
+    settings_path.write_text(json.dumps(settings, indent=1, default=str))
+    if launcher.mode == "k8s":  # configured, not run here: no cluster (deploy/k8s/training-pod.yaml)
+        from dagster_k8s import PipesK8sClient
+
+        assert launcher.k8s_pod_file is not None
+        request = pipes_k8s_request(settings_path, launcher.k8s_pod_file)
+        context.log.info(f"{method}: pod running {shlex.join(request['command'])}")
+        invocation = PipesK8sClient().run(context=context, **request)
+    else:
+        command = launcher.command(settings_path, use_cpu=compute.use_cpu)
+        context.log.info(f"{method}: {shlex.join(command)}")
+        invocation = dg.PipesSubprocessClient().run(
+            command=command, context=context, env=launcher.environment(num_threads=compute.num_threads)
+        )
+    messages = [m for m in invocation.get_custom_messages() if isinstance(m, dict)]
+    results = [m for m in messages if m.get("event") == RESULT_EVENT]
+    if len(results) != 1:
+        raise RuntimeError(
+            f"{method}: the training processes reported {len(results)} results over Pipes; expected one, "
+            "from rank 0"
+        )
+    steps = [m for m in messages if m.get("event") == STEP_EVENT]
+    return {**results[0], "steps_reported": len(steps)}
+
+
 @dg.asset(
     group_name="training",
     kinds={"pytorch", "huggingface", "mlflow"},
@@ -114,6 +238,7 @@ def fine_tuned_policy(
     mlflow: MLflowResource,
     compute: ComputeResource,
     generation: GenerationResource,
+    launcher: TrainingLauncherResource,
 ) -> dg.Output[dict[str, dict[str, Any]]]:
     from shapegrpo_core.training import train_policy  # TRL is slow to import; only training needs it
 
@@ -137,43 +262,52 @@ def fine_tuned_policy(
             **{f"option.{k}": v for k, v in config.training_options.items()},
         }
         with stage_run(mlflow, context, "train", method=method, params=params, resume=True) as rid:
-            callback = MLflowMetricsCallback(mlflow, rid)
             options = {"use_cpu": compute.use_cpu, **config.training_options}
             if generation.validate_backend() == "vllm":
                 options.setdefault("use_vllm", True)
-            result = train_policy(
-                task,
-                base_policy["path"],
-                out_dir,
-                method=method,
-                lam=config.lam,
-                max_steps=config.max_steps,
-                seed=config.seed,
-                num_generations=config.num_generations,
-                prompts_per_step=config.prompts_per_step,
-                learning_rate=config.learning_rate,
-                max_completion_length=config.max_completion_length,
-                temperature=config.temperature,
-                beta=config.beta,
-                scale_rewards=config.scale_rewards,
-                format_penalty=config.format_penalty,
-                save_steps=config.save_steps,
-                eval_every=config.eval_every,
-                eval_num_prompts=config.eval_num_prompts,
-                eval_num_samples=config.eval_num_samples,
-                eval_dataset=eval_dataset,
-                logging_steps=config.logging_steps,
-                train_dataset=train_dataset,
-                callbacks=[callback],
-                resume=True,
-                **options,
-            )
-            path = Path(result.final_checkpoint)
+            kwargs = train_kwargs(config, options)
+            if launcher.launches:
+                outcome = _launch(
+                    context,
+                    launcher,
+                    mlflow=mlflow,
+                    compute=compute,
+                    run_id=rid,
+                    method=method,
+                    task_dataset=task_dataset,
+                    base_policy_path=base_policy["path"],
+                    out_dir=out_dir,
+                    kwargs=kwargs,
+                )
+                metadata[f"{method}/world_size"] = outcome["world_size"]
+                metadata[f"{method}/pipes_steps_reported"] = outcome["steps_reported"]
+            else:
+                callback = MLflowMetricsCallback(mlflow, rid)
+                result = train_policy(
+                    task,
+                    base_policy["path"],
+                    out_dir,
+                    method=method,
+                    eval_dataset=eval_dataset,
+                    train_dataset=train_dataset,
+                    callbacks=[callback],
+                    resume=True,
+                    **kwargs,
+                )
+                outcome = {
+                    "final_checkpoint": result.final_checkpoint,
+                    "global_step": result.global_step,
+                    "resumed_from": result.resumed_from,
+                    "train_seconds": result.train_seconds,
+                    "seconds_per_step": result.seconds_per_step,
+                    "metrics_logged": callback.num_logged,
+                }
+            path = Path(outcome["final_checkpoint"])
             log_metrics(
                 mlflow,
                 rid,
-                {"train_seconds": result.train_seconds, "seconds_per_step": result.seconds_per_step},
-                step=result.global_step,
+                {"train_seconds": outcome["train_seconds"], "seconds_per_step": outcome["seconds_per_step"]},
+                step=outcome["global_step"],
             )
             log_file(mlflow, rid, path / "train_result.json")
             registered = log_policy_model(mlflow, rid, path, method=method) if config.register_model else {}
@@ -181,18 +315,18 @@ def fine_tuned_policy(
             "path": str(path),
             "mlflow_run_id": rid,
             "method": method,
-            "global_step": result.global_step,
-            "resumed_from": result.resumed_from,
-            "train_seconds": result.train_seconds,
+            "global_step": outcome["global_step"],
+            "resumed_from": outcome["resumed_from"],
+            "train_seconds": outcome["train_seconds"],
             "base_model_version": base_policy.get("model_version"),
             **registered,
         }
         (out_dir / METHOD_RESULT).write_text(json.dumps(result_record, indent=1, default=str))
         metadata[f"{method}/mlflow_run_id"] = rid
-        metadata[f"{method}/metrics_logged"] = callback.num_logged
-        metadata[f"{method}/train_seconds"] = result.train_seconds
-        if result.resumed_from:
-            metadata[f"{method}/resumed_from"] = result.resumed_from
+        metadata[f"{method}/metrics_logged"] = outcome["metrics_logged"]
+        metadata[f"{method}/train_seconds"] = outcome["train_seconds"]
+        if outcome["resumed_from"]:
+            metadata[f"{method}/resumed_from"] = outcome["resumed_from"]
         if registered:
             metadata[f"{method}/model_version"] = registered["model_version"]
     return dg.Output(results, metadata=metadata)

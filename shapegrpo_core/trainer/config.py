@@ -59,6 +59,12 @@ class ShapEGRPOConfig(GRPOConfig):
         scorer_errors (`str`, defaults to `"nan"`):
             A scorer `ValueError`/`ArithmeticError` on one response: `"nan"` (advantage 0, counted in
             `shapegrpo/nan_sets`) or `"raise"`.
+        row_seeded_sampling (`bool`, defaults to `False`):
+            Sample each completion with its own seed, derived from `seed`, the global step and the
+            completion's row in the global batch (one `generate` call per completion, transformers generation
+            only). Completions then do not depend on how the batch is split over processes: a run on N
+            processes samples exactly what the same run samples on one. Off: TRL's batched sampling, seeded
+            per process.
 
     TRL options under which the methods would differ in more than credit are rejected (see
     `LINEAR_LOSS_TYPES`, `off_policy_mask_threshold`, `multi_objective_aggregation`, `reward_weights`).
@@ -85,6 +91,9 @@ class ShapEGRPOConfig(GRPOConfig):
         default=0.0, metadata=_help("Set-reward penalty of a format-invalid response.")
     )
     scorer_errors: str = field(default="nan", metadata=_help("Scorer errors.", choices=list(SCORER_ERRORS)))
+    row_seeded_sampling: bool = field(
+        default=False, metadata=_help("One seed per completion row (independent of the process count).")
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,6 +120,8 @@ class ShapEGRPOConfig(GRPOConfig):
             )
         if not (math.isfinite(self.format_penalty) and self.format_penalty >= 0.0):
             raise ValueError(f"format_penalty must be finite and >= 0, got {self.format_penalty}")
+        if self.row_seeded_sampling and self.use_vllm:
+            raise ValueError("row_seeded_sampling needs transformers generation, not use_vllm")
         self._reject_unequal_trl_options()
 
     def _reject_unequal_trl_options(self) -> None:

@@ -34,6 +34,12 @@ METRIC_PREFIX = "shapegrpo"
 GRPO_PARITY_ATOL = 1e-5  # in reward units: float32 TRL advantages vs the float64 credit path
 
 
+def row_seed(seed: int, step: int, row: int) -> int:
+    """The sampling seed of row ``row`` of the global batch at global step ``step`` (``row_seeded_sampling``):
+    distinct per (seed, step, row), the same on every process."""
+    return int(np.random.SeedSequence([seed, step, row]).generate_state(1)[0])
+
+
 class ShapEGRPOTrainer(GRPOTrainer):
     """GRPO with per-candidate credit for multi-candidate answers (ShapE-GRPO).
 
@@ -169,6 +175,40 @@ class ShapEGRPOTrainer(GRPOTrainer):
             out.append(again if same else [])
             fallbacks += not same
         return out, fallbacks
+
+    # -------------------------------------------------------------------------------------------- sampling
+
+    def _generate_single_turn(
+        self,
+        prompt_ids: list[list[int]],
+        images: Any,
+        multimodal_fields: dict[str, Any],
+        num_generations: int,
+        has_tool_images: bool = False,
+    ) -> tuple[list[list[int]], Any]:
+        """TRL's generation; with ``row_seeded_sampling``, one call per completion under its own seed
+        (:func:`row_seed`), so a completion depends only on its prompt, the weights, the step and its row in
+        the global batch, not on which process samples it or on the other rows of its batch."""
+        args: ShapEGRPOConfig = self.args  # type: ignore[assignment]
+        if not args.row_seeded_sampling:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        if self.use_transformers_continuous_batching or images is not None or multimodal_fields:
+            raise ValueError(
+                "row_seeded_sampling supports plain transformers generation of text prompts only "
+                "(not continuous batching, images or multimodal fields)"
+            )
+        start = self.accelerator.process_index * len(prompt_ids)  # this process's rows of the global batch
+        device = self.accelerator.device
+        cuda = [device] if device.type == "cuda" else []
+        completions: list[list[int]] = []
+        for offset, ids in enumerate(prompt_ids):
+            with torch.random.fork_rng(devices=cuda):  # leaves the trainer's own RNG stream untouched
+                torch.manual_seed(row_seed(args.seed, self.state.global_step, start + offset))
+                one, _ = super()._generate_single_turn([ids], None, {}, num_generations, has_tool_images)
+            completions.extend(one)
+        return completions, None
 
     # -------------------------------------------------------------------------------------------- checkpoints
 
