@@ -280,9 +280,8 @@ def without_players(game: Game, players: Sequence[int]) -> SumOfMaxGame:
     """
     if not isinstance(game, SumOfMaxGame) or game.batch_shape:
         raise ValueError(
-            f"without_players needs an unbatched SumOfMaxGame, got {type(game).__name__}: repeated "
-            "candidates "
-            "can be null players only in sum-of-max games (use repeats='shared' for this task)"
+            f"without_players needs an unbatched SumOfMaxGame, got {type(game).__name__}: only there is a "
+            "repeated candidate's column its original's"
         )
     idx = np.asarray(list(players), dtype=np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= game.num_players):

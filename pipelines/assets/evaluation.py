@@ -308,7 +308,9 @@ def method_comparison(
     )
     references = {"warm start": float(table.loc[0, config.metric])}
     if config.metric == "set_utility":  # the task's reference policies are valued in set utility
-        references |= _reference_lines(task_dataset)
+        first = next(iter(units.values())) or {}
+        evaluated = 1 + max((int(k.split(":")[0]) for k in first), default=-1)  # the eval rows scored
+        references |= _reference_lines(task_dataset, evaluated)
     report_path = out_dir / "comparison.md"
     report_path.write_text(
         table.to_markdown(index=False, floatfmt=".4g")
@@ -388,13 +390,14 @@ def _fmt_lines(lines: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in lines.items())
 
 
-def _reference_lines(task_dataset: dict[str, Any]) -> dict[str, float]:
+def _reference_lines(task_dataset: dict[str, Any], num_rows: int) -> dict[str, float]:
     """Where the methods stand besides the warm start (docs/statistics.md), for a task that knows them
-    (recsys): a random policy, the best prompt-independent set and the oracle, on the eval split."""
+    (recsys): a random policy, the best prompt-independent set and the oracle, on the eval rows evaluated."""
     task = load_task(task_dataset)
-    if not hasattr(task, "reference_levels"):
+    if not hasattr(task, "reference_levels") or num_rows < 1:
         return {}
-    return task.reference_levels(load_split(task_dataset, "eval"))
+    eval_split = load_split(task_dataset, "eval")
+    return task.reference_levels(eval_split.select(range(min(num_rows, len(eval_split)))))
 
 
 # Prefix of the comparison's numbers logged on each method's training run (and the base policy's eval run),

@@ -649,22 +649,29 @@ def _set_values(weights: np.ndarray, gains: np.ndarray, sets: np.ndarray) -> np.
     return np.einsum("ut,utm->um", weights, picked.max(axis=-1))
 
 
-def _greedy_best(weights: np.ndarray, gains: np.ndarray, k: int, start: Sequence[int] = ()) -> list[int]:
+def _mean_values(weights: np.ndarray, gains: np.ndarray, sets: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """Mean U over users of each set, (M,), in chunks of sets (memory U·T·chunk·K, not U·T·M·K)."""
+    return np.concatenate(
+        [_set_values(weights, gains, sets[i : i + chunk]).mean(axis=0) for i in range(0, len(sets), chunk)]
+    )
+
+
+def _greedy_best(weights: np.ndarray, gains: np.ndarray, k: int) -> list[int]:
     """Greedy (then 1-swap local search) set of k items maximising the users' mean U."""
-    chosen = list(start)
+    chosen: list[int] = []
     items = range(gains.shape[-1])
     while len(chosen) < k:
         rest = [j for j in items if j not in chosen]
         cand = np.array([[*chosen, j] for j in rest])  # (M, |chosen| + 1)
-        chosen.append(rest[int(_set_values(weights, gains, cand).mean(axis=0).argmax())])
-    best = _set_values(weights, gains, np.array([chosen])).mean()
+        chosen.append(rest[int(_mean_values(weights, gains, cand).argmax())])
+    best = float(_mean_values(weights, gains, np.array([chosen]))[0])
     improved = True
     while improved:  # 1-swap local search: greedy is not optimal for coverage in general
         improved = False
         for pos in range(k):
             rest = [j for j in items if j not in chosen]
             cand = np.array([[*chosen[:pos], j, *chosen[pos + 1 :]] for j in rest])
-            vals = _set_values(weights, gains, cand).mean(axis=0)
+            vals = _mean_values(weights, gains, cand)
             if vals.max() > best + 1e-12:
                 chosen, best, improved = cand[int(vals.argmax())].tolist(), float(vals.max()), True
     return chosen
@@ -698,10 +705,9 @@ def reference_levels(
     random_level = float(_set_values(weights, gains, draws).mean())
     if math.comb(num_items, k) <= max_exhaustive_sets:
         sets = np.array(list(itertools.combinations(range(num_items), k)))  # (M, K)
-        independent = float(_set_values(weights, gains, sets).mean(axis=0).max())
+        independent = float(_mean_values(weights, gains, sets).max())
     else:
-        best = _greedy_best(weights, gains, k)
-        independent = float(_set_values(weights, gains, np.array([best])).mean())
+        independent = float(_mean_values(weights, gains, np.array([_greedy_best(weights, gains, k)]))[0])
     if k >= gains.shape[1]:
         oracle = float(np.einsum("ut,ut->u", weights, gains.max(axis=-1)).mean())
     else:
