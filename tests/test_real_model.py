@@ -183,7 +183,7 @@ def test_unequal_candidate_lengths_get_length_aware_credit(smollm2: Path, tmp_pa
     args = ShapEGRPOConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=32,
         report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False, disable_tqdm=True, seed=0,
-        num_candidates=4,
+        num_candidates=4, missing_slots="ignore", repeats="shared",  # the K_g-player game recomputed below
     )  # fmt: skip
     trainer = ShapEGRPOTrainer(
         model, task, args=args, train_dataset=format_dataset(rows, tok), processing_class=tok,
