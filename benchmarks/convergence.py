@@ -2,7 +2,7 @@
 prompt decides, each method tuned alike, compared with paired statistics. Measured in one run.
 
     python benchmarks/convergence.py                 # the default study (see README "Convergence")
-    python benchmarks/convergence.py --quick         # 2 seeds, 40 steps, no tuning: a smoke look, ~2 min
+    python benchmarks/convergence.py --quick         # 2 seeds, 40 steps, no tuning: a smoke look (minutes)
     python benchmarks/convergence.py --seeds 20 --steps 300 --workers 2   # scale up
 
 Protocol (docs/statistics.md, "The decisive study"); the same for every method:
