@@ -52,6 +52,16 @@ def _as_pairs(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) 
     return x, y
 
 
+def _sample(values: Sequence[float] | np.ndarray, confidence: float) -> np.ndarray:
+    """The checked input of a bootstrap interval: >= 2 finite values, a confidence in (0, 1)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or len(v) < 2 or not np.isfinite(v).all():
+        raise ValueError(f"need at least 2 finite values, got shape {v.shape}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return v
+
+
 def bootstrap_mean_ci(
     values: Sequence[float] | np.ndarray,
     *,
@@ -60,11 +70,7 @@ def bootstrap_mean_ci(
     seed: int = 0,
 ) -> tuple[float, float, float]:
     """(mean, low, high): the BCa bootstrap CI of a mean; a constant sample has the degenerate CI [m, m]."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim != 1 or len(v) < 2 or not np.isfinite(v).all():
-        raise ValueError(f"need at least 2 finite values, got shape {v.shape}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    v = _sample(values, confidence)
     mean = float(v.mean())
     if np.ptp(v) == 0.0:  # BCa is undefined on a constant sample; its sampling distribution is a point
         return mean, mean, mean
@@ -94,9 +100,7 @@ def bootstrap_iqm_ci(
 ) -> tuple[float, float, float]:
     """(IQM, low, high): percentile bootstrap CI of the IQM over runs (rliable's estimator for one task, where
     its stratified bootstrap is a plain one; rliable itself does not import with pandas 3)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim != 1 or len(v) < 2 or not np.isfinite(v).all():
-        raise ValueError(f"need at least 2 finite values, got shape {v.shape}")
+    v = _sample(values, confidence)
     point = iqm(v)
     if np.ptp(v) == 0.0:
         return point, point, point
